@@ -1,0 +1,102 @@
+"""The node: wires config, index, spool, the DICOM listener, the router and the worker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from gateway.clock import Clock, SystemClock
+from gateway.config import GatewayConfig
+from gateway.dicom.server import DicomServer
+from gateway.errors import IndexError_
+from gateway.index.db import Database
+from gateway.ingest.service import IngestService
+from gateway.metrics import Metrics
+from gateway.routing.router import Router
+from gateway.spool.store import Spool
+from gateway.transfer.destinations import build_destinations
+from gateway.transfer.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, cfg: GatewayConfig, *, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or SystemClock()
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
+        self.spool = Spool(cfg.spool_dir, min_free_bytes=cfg.ingest.spool_min_free_bytes)
+        self.metrics = Metrics()
+        self.worker = Worker(
+            cfg,
+            db=self.db,
+            spool=self.spool,
+            clock=self.clock,
+            metrics=self.metrics,
+            destinations=build_destinations(cfg.destinations, calling_ae_title=cfg.dicom.ae_title),
+        )
+        self.ingest = IngestService(
+            cfg,
+            db=self.db,
+            spool=self.spool,
+            clock=self.clock,
+            metrics=self.metrics,
+            on_stream_delivery=self.worker.wakeup.set,
+        )
+        self.router = Router(cfg, db=self.db, clock=self.clock, metrics=self.metrics)
+        self.server = DicomServer(
+            cfg.dicom,
+            self.ingest,
+            incoming_dir=self.spool.incoming,
+            on_security_event=lambda kind: self.metrics.security_events.labels(kind).inc(),
+        )
+        self._stop = threading.Event()
+        self._housekeeping: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.db.migrate()
+        removed = self.ingest.recover()
+        if removed:
+            log.warning(
+                "removed unacknowledged spool files left by a crash", extra={"count": removed}
+            )
+        if self.cfg.metrics.enabled:
+            self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        self.server.start()
+        if self.cfg.worker.enabled:
+            self.worker.start()
+            self._housekeeping = threading.Thread(
+                target=self._housekeep, name="router", daemon=True
+            )
+            self._housekeeping.start()
+        log.info(
+            "node started", extra={"ae_title": self.cfg.dicom.ae_title, "port": self.server.port}
+        )
+
+    def _housekeep(self) -> None:
+        last_sweep = 0.0
+        while not self._stop.is_set():
+            try:
+                if self.router.run_once():
+                    self.worker.wakeup.set()
+                self.router.update_gauges()
+                if time.monotonic() - last_sweep > 60:
+                    last_sweep = time.monotonic()
+                    self.spool.sweep_incoming(
+                        older_than=self.cfg.ingest.incoming_orphan_seconds, now=time.time()
+                    )
+            except IndexError_:
+                log.warning("index unavailable; router backing off")
+            except Exception:  # thread boundary: keep routing alive through a bug
+                log.exception("router iteration failed")
+            self._stop.wait(self.cfg.worker.routing_interval)
+
+    def stop(self, grace: float = 10.0) -> None:
+        self._stop.set()
+        self.server.stop(grace)
+        self.worker.stop(timeout=grace)
+        if self._housekeeping is not None:
+            self._housekeeping.join(grace)
+        self.db.dispose()

@@ -1,0 +1,143 @@
+"""The audit log as a hash chain, written in the same transaction as the work it records.
+
+Each row holds the SHA-256 of the previous row's hash and its own canonical content, and
+the single ``audit_head`` row holds the last sequence number and hash. Writers lock the
+head row (``SELECT ... FOR UPDATE``; on SQLite the ``BEGIN IMMEDIATE`` write lock), so the
+chain is ordered even with several threads or nodes. :func:`verify` names the first row
+that was edited, deleted, inserted or moved, and notices a truncated tail against the head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.errors import AuditChainError
+from gateway.index.models import AuditEvent, AuditHead
+from gateway.text import safe_text
+
+GENESIS = "0" * 64
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What happened; peer-supplied text is escaped when the row is written."""
+
+    event_type: str
+    outcome: str
+    calling_ae_title: str = ""
+    called_ae_title: str = ""
+    address: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    delivery_id: str = ""
+    status: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _utc_text(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _digest(row: AuditEvent) -> str:
+    content = [
+        row.seq,
+        _utc_text(row.recorded_at),
+        row.event_type,
+        row.outcome,
+        row.node,
+        row.calling_ae_title,
+        row.called_ae_title,
+        row.address,
+        row.sop_class_uid,
+        row.sop_instance_uid,
+        row.study_instance_uid,
+        row.delivery_id,
+        row.status,
+        row.detail,
+        row.prev_hash,
+    ]
+    encoded = json.dumps(content, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def append(session: Session, record: AuditRecord, *, node: str, now: datetime) -> int:
+    """Add ``record`` to the chain inside ``session``'s transaction; return its sequence."""
+    head = session.execute(
+        select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    ).scalar_one()
+    row = AuditEvent(
+        seq=head.seq + 1,
+        recorded_at=now,
+        event_type=record.event_type,
+        outcome=record.outcome,
+        node=safe_text(node),
+        calling_ae_title=safe_text(record.calling_ae_title),
+        called_ae_title=safe_text(record.called_ae_title),
+        address=safe_text(record.address),
+        sop_class_uid=safe_text(record.sop_class_uid),
+        sop_instance_uid=safe_text(record.sop_instance_uid),
+        study_instance_uid=safe_text(record.study_instance_uid),
+        delivery_id=record.delivery_id,
+        status=record.status,
+        detail=json.dumps(record.detail, sort_keys=True, separators=(",", ":"), default=str),
+        prev_hash=head.hash,
+        hash="",
+    )
+    row.hash = _digest(row)
+    session.add(row)
+    head.seq = row.seq
+    head.hash = row.hash
+    return row.seq
+
+
+def _rows(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:
+    last = -1
+    while True:
+        chunk = (
+            session.execute(
+                select(AuditEvent)
+                .where(AuditEvent.seq > last)
+                .order_by(AuditEvent.seq)
+                .limit(batch)
+            )
+            .scalars()
+            .all()
+        )
+        if not chunk:
+            return
+        yield from chunk
+        last = chunk[-1].seq
+        session.expunge_all()
+
+
+def verify(session: Session) -> int:
+    """Check the whole chain; return the number of rows, or raise :class:`AuditChainError`."""
+    expected_seq = 1
+    prev = GENESIS
+    count = 0
+    for row in _rows(session):
+        if row.seq != expected_seq:
+            bad = expected_seq if row.seq > expected_seq else row.seq
+            raise AuditChainError(bad, f"sequence gap or duplicate (found {row.seq})")
+        if row.prev_hash != prev:
+            raise AuditChainError(row.seq, "does not link to the previous row")
+        if _digest(row) != row.hash:
+            raise AuditChainError(row.seq, "content does not match its hash")
+        prev = row.hash
+        expected_seq += 1
+        count += 1
+    head = session.execute(select(AuditHead).where(AuditHead.id == 1)).scalar_one()
+    if head.seq != count or head.hash != prev:
+        raise AuditChainError(count + 1, f"chain ends at {count} but the head records {head.seq}")
+    return count

@@ -1,0 +1,285 @@
+"""``dicom-gateway``: run a node and administer its queue and audit log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from gateway import __version__
+from gateway.audit.chain import verify
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import AuditChainError, ConfigError, GatewayError, TransitionError
+from gateway.index import deliveries
+from gateway.index.db import Database
+from gateway.index.models import AuditEvent, Delivery, DeliveryAttempt, DeliveryItem, Instance
+from gateway.index.states import State
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-gateway", description=__doc__)
+    p.add_argument("--version", action="version", version=f"dicom-gateway {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "-c", "--config", required=True, metavar="FILE", help="the node's TOML configuration"
+        )
+        return sp
+
+    with_config(sub.add_parser("serve", help="run the node (listener, router, worker)"))
+    with_config(sub.add_parser("check-config", help="validate a configuration file"))
+
+    queue = sub.add_parser("queue", help="deliveries: list, show, retry, cancel")
+    qsub = queue.add_subparsers(dest="action", required=True)
+    ql = with_config(qsub.add_parser("list", help="list deliveries"))
+    ql.add_argument("--state", choices=[s.value for s in State])
+    ql.add_argument("--limit", type=int, default=100)
+    ql.add_argument("--json", action="store_true")
+    for name, text in (
+        ("show", "one delivery with its items and attempts"),
+        ("retry", "re-queue a failed, cancelled or quarantined delivery"),
+        ("cancel", "cancel a delivery that is not finished"),
+    ):
+        sp = with_config(qsub.add_parser(name, help=text))
+        sp.add_argument("delivery_id")
+        sp.add_argument("--json", action="store_true")
+
+    audit = sub.add_parser("audit", help="the audit log: verify, list")
+    asub = audit.add_subparsers(dest="action", required=True)
+    with_config(asub.add_parser("verify", help="check the hash chain"))
+    al = with_config(asub.add_parser("list", help="list audit records"))
+    al.add_argument("--since", type=_when, help="ISO 8601 date or time (UTC if no zone)")
+    al.add_argument("--until", type=_when)
+    al.add_argument("--ae", help="calling or called AE title")
+    al.add_argument("--study", help="Study Instance UID")
+    al.add_argument("--type", dest="event_type", help="event type, e.g. c-store")
+    al.add_argument("--limit", type=int, default=1000)
+    al.add_argument("--json", action="store_true")
+    return p
+
+
+def _when(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 date or time, got {text!r}"
+        ) from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"dicom-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "check-config":
+            print(
+                f"{args.config}: OK ({len(cfg.destinations)} destination(s), "
+                f"{len(cfg.routes)} route(s))"
+            )
+            return 0
+        if args.command == "serve":
+            return _serve(cfg)
+        db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
+        try:
+            db.migrate()
+            if args.command == "queue":
+                return _queue(db, args)
+            return _audit(db, args)
+        finally:
+            db.dispose()
+    except GatewayError as exc:
+        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(cfg: GatewayConfig) -> int:
+    from gateway.app import Node
+    from gateway.logging import configure
+
+    configure()
+    node = Node(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    print(
+        f"dicom-gateway: {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{node.server.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def _delivery_row(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "state": d.state,
+        "destination": d.destination,
+        "route": d.route_name,
+        "profile": d.profile,
+        "study_instance_uid": d.study_instance_uid,
+        "instances": d.instance_count,
+        "sent": d.sent_count,
+        "warnings": d.warning_count,
+        "failed": d.failed_count,
+        "attempts": d.attempts,
+        "next_attempt_at": d.next_attempt_at.isoformat(),
+        "created_at": d.created_at.isoformat(),
+        "updated_at": d.updated_at.isoformat(),
+        "last_error": d.last_error,
+    }
+
+
+def _queue(db: Database, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    if args.action == "list":
+        with db.session() as s:
+            q = select(Delivery).order_by(Delivery.created_at.desc()).limit(args.limit)
+            if args.state:
+                q = q.where(Delivery.state == args.state)
+            rows = [_delivery_row(d) for d in s.execute(q).scalars()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'ID':32}  {'STATE':23}  {'DESTINATION':16}  {'SENT':>9}  {'TRIES':>5}  ERROR")
+            for r in rows:
+                print(
+                    f"{r['id']:32}  {r['state']:23}  {r['destination']:16}  "
+                    f"{r['sent']:>4}/{r['instances']:<4}  {r['attempts']:>5}  {r['last_error']}"
+                )
+        return 0
+    with db.session() as s:
+        d = s.get(Delivery, args.delivery_id)
+        if d is None:
+            print(f"dicom-gateway: no delivery {args.delivery_id!r}", file=sys.stderr)
+            return 1
+        try:
+            if args.action == "retry":
+                deliveries.admin_retry(s, d, now=now)
+            elif args.action == "cancel":
+                deliveries.admin_cancel(d, now=now)
+        except TransitionError as exc:
+            print(
+                f"dicom-gateway: cannot {args.action} delivery {d.id} in state {d.state}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+        row = _delivery_row(d)
+        if args.action == "show":
+            items = s.execute(
+                select(DeliveryItem, Instance.sop_instance_uid)
+                .join(Instance, Instance.id == DeliveryItem.instance_id)
+                .where(DeliveryItem.delivery_id == d.id)
+                .order_by(DeliveryItem.id)
+            ).tuples()
+            row["items"] = [
+                {
+                    "sop_instance_uid": uid,
+                    "state": it.state,
+                    "status": it.status,
+                    "reason": it.reason,
+                }
+                for it, uid in items
+            ]
+            row["attempt_log"] = [
+                {
+                    "number": a.number,
+                    "worker": a.worker,
+                    "outcome": a.outcome,
+                    "reason": a.reason,
+                    "started_at": a.started_at.isoformat(),
+                    "finished_at": a.finished_at.isoformat(),
+                    "sent": a.sent,
+                    "warnings": a.warnings,
+                    "failed": a.failed,
+                }
+                for a in s.execute(
+                    select(DeliveryAttempt)
+                    .where(DeliveryAttempt.delivery_id == d.id)
+                    .order_by(DeliveryAttempt.id)
+                ).scalars()
+            ]
+    if args.json or args.action == "show":
+        print(json.dumps(row, indent=2))
+    else:
+        print(f"delivery {row['id']}: {row['state']}")
+    return 0
+
+
+def _audit(db: Database, args: argparse.Namespace) -> int:
+    if args.action == "verify":
+        with db.session() as s:
+            try:
+                count = verify(s)
+            except AuditChainError as exc:
+                print(f"audit chain BROKEN at row {exc.sequence}: {exc.reason}", file=sys.stderr)
+                return 1
+        print(f"audit chain OK: {count} record(s)")
+        return 0
+    with db.session() as s:
+        q = select(AuditEvent).order_by(AuditEvent.seq)
+        if args.since:
+            q = q.where(AuditEvent.recorded_at >= args.since)
+        if args.until:
+            q = q.where(AuditEvent.recorded_at <= args.until)
+        if args.ae:
+            q = q.where(
+                (AuditEvent.calling_ae_title == args.ae) | (AuditEvent.called_ae_title == args.ae)
+            )
+        if args.study:
+            q = q.where(AuditEvent.study_instance_uid == args.study)
+        if args.event_type:
+            q = q.where(AuditEvent.event_type == args.event_type)
+        rows = [
+            {
+                "seq": e.seq,
+                "recorded_at": e.recorded_at.isoformat(),
+                "event_type": e.event_type,
+                "outcome": e.outcome,
+                "node": e.node,
+                "calling_ae_title": e.calling_ae_title,
+                "called_ae_title": e.called_ae_title,
+                "address": e.address,
+                "sop_class_uid": e.sop_class_uid,
+                "sop_instance_uid": e.sop_instance_uid,
+                "study_instance_uid": e.study_instance_uid,
+                "delivery_id": e.delivery_id,
+                "status": e.status,
+                "detail": json.loads(e.detail),
+            }
+            for e in s.execute(q.limit(args.limit)).scalars()
+        ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            status = "" if r["status"] is None else f"0x{r['status']:04X}"
+            print(
+                f"{r['seq']:>7}  {r['recorded_at']}  {r['event_type']:16}  {r['outcome']:9}  "
+                f"{r['calling_ae_title']:>16} -> {r['called_ae_title']:16}  {status:6}  "
+                f"{r['sop_instance_uid'] or r['study_instance_uid']}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Load a TOML file into :class:`GatewayConfig`, failing fast with the file, key and expectation.
+
+The loader walks the frozen dataclasses of :mod:`gateway.config.model` by their type hints,
+so the schema is written once. Unknown keys, wrong types and out-of-range values all raise
+:class:`~gateway.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from gateway.config import model
+from gateway.config.rules import Condition, RuleError, parse_condition
+from gateway.errors import ConfigError
+
+_PORT_KEYS = frozenset({"port"})
+_POSITIVE_KEYS = frozenset(
+    {
+        "max_pdu_size",
+        "max_associations",
+        "max_associations_per_address",
+        "max_connections",
+        "acse_timeout",
+        "dimse_timeout",
+        "network_timeout",
+        "pdu_read_timeout",
+        "max_associate_pdu_size",
+        "max_sequence_depth",
+        "incoming_orphan_seconds",
+        "busy_timeout",
+        "threads",
+        "poll_interval",
+        "lease_seconds",
+        "max_attempts",
+        "backoff_initial",
+        "backoff_max",
+        "routing_interval",
+        "connect_timeout",
+    }
+)
+_NON_NEGATIVE_KEYS = frozenset({"spool_min_free_bytes", "quiet_seconds"})
+
+
+def load_config(path: str | Path) -> model.GatewayConfig:
+    """Read and validate ``path``; relative paths inside it are taken from its folder."""
+    source = Path(path)
+    name = str(source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(name, "", "file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            name, "", f"a readable UTF-8 TOML file ({exc.__class__.__name__})"
+        ) from exc
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, "", f"valid TOML ({exc})") from exc
+    builder = _Builder(name, source.resolve().parent)
+    cfg: model.GatewayConfig = builder.build(
+        model.GatewayConfig, {**raw, "source": str(source.resolve())}, ""
+    )
+    _check_references(name, cfg)
+    return cfg
+
+
+class _Builder:
+    def __init__(self, name: str, base_dir: Path) -> None:
+        self.name = name
+        self.base_dir = base_dir
+
+    def fail(self, key: str, expected: str) -> ConfigError:
+        return ConfigError(self.name, key, expected)
+
+    def build(self, cls: type[Any], raw: Any, key: str) -> Any:
+        if not isinstance(raw, Mapping):
+            raise self.fail(key, "a table")
+        hints = typing.get_type_hints(cls, vars(model))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for k in raw:
+            if k not in fields:
+                raise self.fail(_join(key, k), "no such key (allowed: " + ", ".join(fields) + ")")
+        values: dict[str, Any] = {}
+        for fname, fdef in fields.items():
+            fkey = _join(key, fname)
+            if fname not in raw:
+                no_default = (
+                    fdef.default is dataclasses.MISSING
+                    and fdef.default_factory is dataclasses.MISSING
+                )
+                if no_default:
+                    raise self.fail(fkey, "a value (this key is required)")
+                continue
+            values[fname] = self.value(hints[fname], raw[fname], fkey)
+        return cls(**values)
+
+    def value(self, hint: Any, raw: Any, key: str) -> Any:
+        leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
+        if hint is Condition or hint == Condition:
+            try:
+                return parse_condition(raw, key)
+            except RuleError as exc:
+                raise self.fail(exc.key, exc.expected) from exc
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint):
+            return self.build(typing.cast(type[Any], hint), raw, key)
+        if origin is tuple:
+            (item_hint, _ellipsis) = typing.get_args(hint)
+            if not isinstance(raw, list):
+                raise self.fail(key, "an array")
+            return tuple(self.value(item_hint, item, f"{key}[{i}]") for i, item in enumerate(raw))
+        if origin is Literal:
+            allowed = typing.get_args(hint)
+            if raw not in allowed:
+                raise self.fail(key, "one of " + ", ".join(repr(a) for a in allowed))
+            return raw
+        if origin in (Union, types.UnionType):
+            raise self.fail(key, "a supported type")  # no unions in the schema but Condition
+        if hint is bool:
+            if not isinstance(raw, bool):
+                raise self.fail(key, "true or false")
+            return raw
+        if hint is int:
+            if not isinstance(raw, int) or isinstance(raw, bool):
+                raise self.fail(key, "an integer")
+            self.check_number(leaf, raw, key)
+            return raw
+        if hint is float:
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                raise self.fail(key, "a number")
+            self.check_number(leaf, raw, key)
+            return float(raw)
+        if hint is str:
+            if not isinstance(raw, str):
+                raise self.fail(key, "a string")
+            _STRING_CHECKS.get(leaf, _no_check)(self, raw, key)
+            return raw
+        if hint is Path:
+            if not isinstance(raw, str) or not raw:
+                raise self.fail(key, "a path string")
+            p = Path(raw)
+            return p if p.is_absolute() else self.base_dir / p
+        raise self.fail(key, f"a value of type {hint}")
+
+    def check_number(self, leaf: str, value: float, key: str) -> None:
+        if leaf in _PORT_KEYS and not 1 <= value <= 65535:
+            raise self.fail(key, "a TCP port between 1 and 65535")
+        if leaf in _POSITIVE_KEYS and value <= 0:
+            raise self.fail(key, "a number greater than 0")
+        if leaf in _NON_NEGATIVE_KEYS and value < 0:
+            raise self.fail(key, "a number of 0 or more")
+        if leaf == "max_pdu_size" and value < 4096:
+            raise self.fail(key, "at least 4096 bytes")
+        if leaf == "backoff_multiplier" and value < 1:
+            raise self.fail(key, "a number of 1 or more")
+
+
+def _no_check(builder: _Builder, value: str, key: str) -> None:
+    return None
+
+
+def _check_ae(builder: _Builder, value: str, key: str) -> None:
+    if value == "" and key.endswith("calling_ae_title"):
+        return
+    if value == "*" and ".calling_ae[" in key:
+        return
+    if not is_valid_ae_title(value):
+        raise builder.fail(key, "an AE title: 1-16 printable ASCII characters, no backslash")
+
+
+def _check_address(builder: _Builder, value: str, key: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as exc:
+        raise builder.fail(key, "an IP address or CIDR network such as 10.0.0.0/24") from exc
+
+
+def _check_name(builder: _Builder, value: str, key: str) -> None:
+    if not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise builder.fail(key, "a name of letters, digits, '-', '_' or '.'")
+
+
+def _check_calling_ae(builder: _Builder, value: str, key: str) -> None:
+    _check_ae(builder, value, key)
+
+
+_STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
+    "ae_title": _check_ae,
+    "called_ae": _check_ae,
+    "calling_ae": _check_calling_ae,
+    "calling_ae_title": _check_ae,
+    "addresses": _check_address,
+    "name": _check_name,
+    "destinations": _check_name,
+}
+
+
+def is_valid_ae_title(value: str) -> bool:
+    """PS3.5 AE VR: up to 16 characters of the default repertoire, no backslash or control."""
+    stripped = value.strip(" ")
+    return (
+        0 < len(value) <= 16
+        and bool(stripped)
+        and all(0x20 <= ord(c) < 0x7F and c != "\\" for c in value)
+    )
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _check_references(name: str, cfg: model.GatewayConfig) -> None:
+    seen: set[str] = set()
+    for i, dest in enumerate(cfg.destinations):
+        if dest.name in seen:
+            raise ConfigError(
+                name, f"destinations[{i}].name", f"a unique name ('{dest.name}' repeats)"
+            )
+        seen.add(dest.name)
+        if not dest.ae_title:
+            raise ConfigError(name, f"destinations[{i}].ae_title", "the destination's AE title")
+    route_names: set[str] = set()
+    for i, route in enumerate(cfg.routes):
+        if route.name in route_names:
+            raise ConfigError(name, f"routes[{i}].name", f"a unique name ('{route.name}' repeats)")
+        route_names.add(route.name)
+        if not route.destinations:
+            raise ConfigError(name, f"routes[{i}].destinations", "at least one destination name")
+        for j, dname in enumerate(route.destinations):
+            if dname not in seen:
+                raise ConfigError(
+                    name,
+                    f"routes[{i}].destinations[{j}]",
+                    f"the name of a [[destinations]] entry ('{dname}' is not defined)",
+                )
+    for i, entry in enumerate(cfg.dicom.allow):
+        if not entry.calling_ae:
+            raise ConfigError(name, f"dicom.allow[{i}].calling_ae", "at least one AE title or '*'")

@@ -1,0 +1,145 @@
+"""The configuration as frozen objects, parsed once from TOML and passed down.
+
+Every field's comment in ``config/gateway.toml`` gives its meaning, default and unit; the
+defaults here are the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from gateway.config.rules import Condition, MatchAll
+
+DuplicatePolicy = Literal["keep-both", "reject"]
+RouteMode = Literal["study", "stream"]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = "gateway"
+    state_dir: Path = Path("var")
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """Calling AE titles admitted on one called AE title, optionally bound to addresses."""
+
+    called_ae: str = "GATEWAY"
+    calling_ae: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    ae_title: str = "GATEWAY"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_pdu_size: int = 262144
+    max_associations: int = 16
+    max_associations_per_address: int = 8
+    max_connections: int = 64
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    pdu_read_timeout: float = 30.0
+    max_associate_pdu_size: int = 1048576
+    max_sequence_depth: int = 64
+    allow: tuple[AllowEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    duplicate_policy: DuplicatePolicy = "keep-both"
+    spool_min_free_bytes: int = 268435456
+    incoming_orphan_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = ""
+    busy_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9110
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    enabled: bool = True
+    threads: int = 4
+    poll_interval: float = 0.5
+    lease_seconds: float = 120.0
+    max_attempts: int = 8
+    backoff_initial: float = 5.0
+    backoff_multiplier: float = 2.0
+    backoff_max: float = 600.0
+    routing_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    type: Literal["dicom"] = "dicom"
+    ae_title: str = ""
+    host: str = "127.0.0.1"
+    port: int = 104
+    calling_ae_title: str = ""
+    max_associations: int = 2
+    max_pdu_size: int = 262144
+    connect_timeout: float = 10.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    destinations: tuple[str, ...]
+    match: Condition = field(default_factory=MatchAll)
+    mode: RouteMode = "study"
+    quiet_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: Path
+    node: NodeConfig = field(default_factory=NodeConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+
+    @property
+    def state_dir(self) -> Path:
+        return self.node.state_dir
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.node.state_dir / "spool"
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.node.state_dir / 'index.sqlite3'}"
+
+    def destination(self, name: str) -> DestinationConfig:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+    def route(self, name: str) -> RouteConfig:
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)

@@ -1,0 +1,1 @@
+"""The only package that knows pynetdicom: AE set-up, guards, statuses, SCU transport."""

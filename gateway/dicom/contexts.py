@@ -1,0 +1,55 @@
+"""Presentation contexts the SCP supports: every storage SOP class, as sent.
+
+The storage SOP classes come from pydicom's UID registry (every "... Storage" SOP class,
+retired ones included, Storage Commitment excluded). Transfer syntaxes are every one
+pydicom knows except the deflated ones: Deflated Explicit VR Little Endian is not offered,
+because pynetdicom inflates it without a bound (a 1 MiB message can become 1 GiB), and
+JPIP referenced syntaxes, whose pixels are a URL elsewhere.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pydicom.uid as pydicom_uid
+from pydicom._uid_dict import UID_dictionary
+from pynetdicom.presentation import PresentationContext, build_context
+
+VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A.4: Verification SOP Class
+
+UNCOMPRESSED = (
+    pydicom_uid.ExplicitVRLittleEndian,
+    pydicom_uid.ImplicitVRLittleEndian,
+)
+
+
+@cache
+def storage_sop_classes() -> tuple[str, ...]:
+    out = []
+    for uid, entry in UID_dictionary.items():
+        name, kind = entry[0], entry[1]
+        if kind == "SOP Class" and "Storage" in name and "Commitment" not in name:
+            out.append(uid)
+    return tuple(sorted(out))
+
+
+@cache
+def accepted_transfer_syntaxes() -> tuple[str, ...]:
+    first = [*UNCOMPRESSED, pydicom_uid.ExplicitVRBigEndian]
+    rest = [
+        str(ts)
+        for ts in pydicom_uid.AllTransferSyntaxes
+        if "Deflate" not in ts.name and "JPIP" not in ts.name and ts not in first
+    ]
+    return tuple(str(t) for t in first) + tuple(rest)
+
+
+def scp_contexts() -> list[PresentationContext]:
+    syntaxes = list(accepted_transfer_syntaxes())
+    contexts = [build_context(VERIFICATION, list(UNCOMPRESSED))]
+    contexts += [build_context(uid, syntaxes) for uid in storage_sop_classes()]
+    return contexts
+
+
+def is_storage_sop_class(uid: str) -> bool:
+    return uid in set(storage_sop_classes())

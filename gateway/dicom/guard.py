@@ -1,0 +1,116 @@
+"""A socket wrapper that bounds what a peer can make the node read (PS3.8 9.3.1).
+
+pynetdicom reads a 6-byte PDU header and then allocates and reads whatever length the peer
+declared, with no deadline. This wrapper, which pynetdicom's DUL reads through, enforces:
+
+* a size cap per PDU type: A-ASSOCIATE-RQ up to ``max_associate_pdu_size`` (near DCMTK's
+  1 MB), P-DATA-TF up to the maximum PDU length we advertised, release and abort PDUs their
+  fixed 4 bytes, anything else 64 KiB;
+* a deadline for the whole PDU once its first byte has arrived (slowloris).
+
+On a violation it sends an A-ABORT (service provider, invalid PDU parameter value), calls
+``on_violation`` so the event is audited, and raises ``OSError``, which pynetdicom treats
+as the transport closing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
+
+_OTHER_CAP = 65536
+_FIXED = {0x05: 4, 0x06: 4, 0x07: 4}
+
+
+def _abort_bytes() -> bytes:
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02  # DICOM UL service-provider
+    pdu.reason_diagnostic = 0x06  # invalid PDU parameter value
+    return bytes(pdu.encode())
+
+
+class GuardedSocket(AssociationSocket):
+    """An :class:`AssociationSocket` that refuses oversized or slow PDUs."""
+
+    def __init__(
+        self,
+        assoc: Any,
+        client_socket: socket.socket,
+        *,
+        max_pdu_size: int,
+        max_associate_pdu_size: int,
+        pdu_read_timeout: float,
+        on_violation: Callable[[str], None],
+    ) -> None:
+        super().__init__(assoc, client_socket=client_socket)
+        self._max_pdata = max_pdu_size
+        self._max_assoc = max_associate_pdu_size
+        self._timeout = pdu_read_timeout
+        self._on_violation = on_violation
+        self._expect_body: int | None = None
+        self._deadline = 0.0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._expect_body is None:
+            # A header: the PDU's deadline starts with its first byte.
+            self._deadline = time.monotonic() + self._timeout
+            data = self._read_exact(nr_bytes)
+            if len(data) == 6:
+                pdu_type, _, length = struct.unpack(">BBL", bytes(data))
+                self._check(pdu_type, length)
+                self._expect_body = length
+            return data
+        self._expect_body = None
+        return self._read_exact(nr_bytes)
+
+    def _check(self, pdu_type: int, length: int) -> None:
+        if pdu_type == 0x01:
+            cap = self._max_assoc
+        elif pdu_type == 0x04:
+            cap = self._max_pdata
+        else:
+            cap = _FIXED.get(pdu_type, _OTHER_CAP)
+        if length > cap:
+            self._violation(f"pdu-too-large type=0x{pdu_type:02x}")
+
+    def _violation(self, reason: str) -> None:
+        sock = self.socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(1.0)
+                sock.sendall(_abort_bytes())
+        self._on_violation(reason)
+        raise OSError(reason)
+
+    def _read_exact(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        if sock is None:
+            raise OSError("socket closed")
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < nr_bytes:
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    self._violation("pdu-read-deadline")
+                sock.settimeout(remaining)
+                try:
+                    n = sock.recv_into(view[got:], min(nr_bytes - got, 1 << 20))
+                except TimeoutError:
+                    self._violation("pdu-read-deadline")
+                if n == 0:
+                    del buf[got:]
+                    return buf
+                got += n
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+        return buf

@@ -1,0 +1,173 @@
+"""C-STORE SCU to a DICOM destination (PS3.4 Annex B, PS3.7 9.1.1).
+
+Instances are sent from their spool files without being parsed (pynetdicom streams the
+data set from the file) when the destination accepts the stored transfer syntax. When it
+does not, the instance is decoded and sent in an uncompressed syntax it accepted
+(decompressing compressed pixel data); an instance that fits no accepted syntax fails
+with that reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom.uid as pydicom_uid
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+
+from gateway.config import DestinationConfig
+from gateway.dicom.contexts import UNCOMPRESSED
+from gateway.errors import PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 120  # PS3.8 allows 128 presentation contexts (odd ids 1..255)
+_UNCOMPRESSED = frozenset(str(t) for t in (*UNCOMPRESSED, pydicom_uid.ExplicitVRBigEndian))
+
+
+@dataclass(frozen=True)
+class OutgoingFile:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    path: Path
+
+
+class NoAcceptableSyntax(Exception):
+    """The destination accepted no transfer syntax this instance can be sent in."""
+
+
+def _nodelay(event: Any) -> None:
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def context_groups(files: Sequence[OutgoingFile]) -> list[list[int]]:
+    """Split ``files`` (by index) into groups whose presentation contexts fit one association."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    keys: set[tuple[str, str]] = set()
+    for i, f in enumerate(files):
+        new = {(f.sop_class_uid, f.transfer_syntax_uid), (f.sop_class_uid, "uncompressed")}
+        if len(keys | new) > MAX_CONTEXTS and current:
+            groups.append(current)
+            current, keys = [], set()
+        current.append(i)
+        keys |= new
+    if current:
+        groups.append(current)
+    return groups
+
+
+class StoreSCU:
+    """One association to a destination for a set of instances."""
+
+    def __init__(self, dest: DestinationConfig, *, calling_ae_title: str) -> None:
+        self.dest = dest
+        self.calling_ae_title = dest.calling_ae_title or calling_ae_title
+
+    @contextlib.contextmanager
+    def associate(self, files: Sequence[OutgoingFile]) -> Iterator[Callable[[OutgoingFile], int]]:
+        """Yield ``send(file) -> status``; raises Retryable/PermanentError on the association."""
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.connection_timeout = self.dest.connect_timeout
+        ae.acse_timeout = self.dest.connect_timeout
+        ae.dimse_timeout = self.dest.dimse_timeout
+        ae.network_timeout = self.dest.network_timeout
+        classes: dict[str, set[str]] = {}
+        for f in files:
+            classes.setdefault(f.sop_class_uid, set()).add(f.transfer_syntax_uid)
+        contexts = []
+        for sop_class, syntaxes in classes.items():
+            for ts in sorted(syntaxes - _UNCOMPRESSED):
+                contexts.append(build_context(sop_class, [ts]))
+            contexts.append(build_context(sop_class, [str(t) for t in UNCOMPRESSED]))
+        assoc = ae.associate(
+            self.dest.host,
+            self.dest.port,
+            contexts=contexts,
+            ae_title=self.dest.ae_title,
+            max_pdu=self.dest.max_pdu_size,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+        )
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                rsd = getattr(assoc.acceptor, "primitive", None)
+                result = getattr(rsd, "result", None)
+                source = getattr(rsd, "result_source", None)
+                diagnostic = getattr(rsd, "diagnostic", None)
+                reason = (
+                    f"association rejected (result={result}, source={source}, reason={diagnostic})"
+                )
+                if result == 0x01:
+                    raise PermanentError(reason)
+                raise RetryableError(reason)
+            if assoc.is_aborted:
+                raise RetryableError("association aborted by the destination")
+            raise RetryableError("destination unreachable (connection refused or timed out)")
+        accepted: dict[str, set[str]] = {}
+        for cx in assoc.accepted_contexts:
+            accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+
+        def send(f: OutgoingFile) -> int:
+            syntaxes = accepted.get(f.sop_class_uid, set())
+            if f.transfer_syntax_uid in syntaxes:
+                rsp = assoc.send_c_store(f.path)
+            elif syntaxes & _UNCOMPRESSED:
+                rsp = self._send_converted(assoc, f, syntaxes)
+            else:
+                raise NoAcceptableSyntax(
+                    "destination accepted no transfer syntax for this SOP class"
+                )
+            if not assoc.is_established and not rsp:
+                raise RetryableError("association lost while sending (timeout or abort)")
+            status = getattr(rsp, "Status", None)
+            if status is None:
+                assoc.abort()
+                raise RetryableError("no C-STORE response (DIMSE timeout)")
+            return int(status)
+
+        try:
+            yield send
+        except BaseException:
+            if assoc.is_established:
+                assoc.abort()
+            raise
+        else:
+            if assoc.is_established:
+                assoc.release()
+
+    def _send_converted(self, assoc: Any, f: OutgoingFile, syntaxes: set[str]) -> Any:
+        try:
+            ds = dcmread(f.path)
+            if f.transfer_syntax_uid not in _UNCOMPRESSED:
+                ds.decompress()
+        except Exception as exc:  # any decoder failure: the instance cannot be converted
+            raise NoAcceptableSyntax(
+                f"cannot decompress {f.transfer_syntax_uid} for a destination accepting "
+                "only uncompressed syntaxes"
+            ) from exc
+        fd, name = tempfile.mkstemp(suffix=".dcm")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            ds.save_as(tmp, enforce_file_format=True)
+            return (
+                assoc.send_c_store(tmp)
+                if str(ds.file_meta.TransferSyntaxUID) in syntaxes
+                else assoc.send_c_store(ds)
+            )
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()

@@ -1,0 +1,382 @@
+"""The DICOM listener: pynetdicom's AE, hardened, with the gateway's admission policy.
+
+This module is the boundary between pynetdicom and the rest of the node. It
+
+* receives C-STORE data sets in chunks to a file in the spool's ``incoming`` folder, so
+  memory stays bounded whatever the instance size;
+* wraps every accepted socket in :class:`~gateway.dicom.guard.GuardedSocket`;
+* applies the admission policy (called AE, calling AE allowlist bound to addresses,
+  global and per-address limits) before pynetdicom negotiates, answering with the
+  PS3.8 9.3.4 A-ASSOCIATE-RJ result, source and reason;
+* turns the gateway's exceptions into DIMSE statuses, in :meth:`DicomServer._store` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pynetdicom import AE, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from gateway.config import DicomConfig, is_valid_ae_title
+from gateway.dicom import status as st
+from gateway.dicom.contexts import scp_contexts
+from gateway.dicom.guard import GuardedSocket
+from gateway.errors import IndexError_, IngestError, SpoolError, SpoolFullError
+from gateway.ids import new_id
+from gateway.text import safe_text
+
+log = logging.getLogger(__name__)
+
+# PS3.8 Table 9-21: (result, source, reason)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognized
+REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit
+
+
+@dataclass(frozen=True)
+class AssociationInfo:
+    """What the rest of the node may know about an association; text is as received."""
+
+    association_id: str
+    calling_ae_title: str
+    called_ae_title: str
+    address: str
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    dataset_path: Path
+
+
+class AssociationListener(Protocol):
+    """What the node does on DICOM events; implemented by :mod:`gateway.ingest`."""
+
+    def association_accepted(self, info: AssociationInfo) -> None: ...
+
+    def association_rejected(self, info: AssociationInfo, reason: str) -> None: ...
+
+    def association_aborted(self, info: AssociationInfo, reason: str) -> None: ...
+
+    def echo(self, info: AssociationInfo) -> None: ...
+
+    def store(self, info: AssociationInfo, request: StoreRequest) -> int: ...
+
+    def store_failed(
+        self, info: AssociationInfo, request: StoreRequest, status: int, reason: str
+    ) -> None: ...
+
+
+class Admission:
+    """Who may associate: called AE titles, per-called-AE calling allowlists, limits."""
+
+    def __init__(self, cfg: DicomConfig) -> None:
+        self.cfg = cfg
+        self.called_titles = {cfg.ae_title.strip()} | {a.called_ae.strip() for a in cfg.allow}
+        self._allow = [
+            (
+                a.called_ae.strip(),
+                {c.strip() for c in a.calling_ae},
+                [ipaddress.ip_network(x, strict=False) for x in a.addresses],
+            )
+            for a in cfg.allow
+        ]
+
+    def check(
+        self,
+        *,
+        called: str,
+        calling: str,
+        address: str,
+        established_total: int,
+        established_from_address: int,
+    ) -> tuple[tuple[int, int, int], str] | None:
+        if called not in self.called_titles:
+            return REJECT_CALLED_AE, "called-ae-not-recognized"
+        if not is_valid_ae_title(calling):
+            return REJECT_CALLING_AE, "calling-ae-invalid"
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return REJECT_CALLING_AE, "address-invalid"
+        allowed = False
+        for called_ae, callers, networks in self._allow:
+            if called_ae != called:
+                continue
+            if "*" not in callers and calling not in callers:
+                continue
+            if networks and not any(ip in n for n in networks):
+                continue
+            allowed = True
+            break
+        if not allowed:
+            return REJECT_CALLING_AE, "calling-ae-not-allowed"
+        if established_total >= self.cfg.max_associations:
+            return REJECT_LIMIT, "association-limit"
+        if established_from_address >= self.cfg.max_associations_per_address:
+            return REJECT_LIMIT, "address-association-limit"
+        return None
+
+
+def _info(assoc: Any) -> AssociationInfo:
+    return AssociationInfo(
+        association_id=getattr(assoc, "gateway_id", ""),
+        calling_ae_title=str(assoc.requestor.ae_title or "").strip(),
+        called_ae_title=str(assoc.acceptor.ae_title or "").strip(),
+        address=str(assoc.requestor.address),
+    )
+
+
+class _GatewayACSE(ACSE):
+    """ACSE whose acceptor first applies the gateway's admission policy."""
+
+    def __init__(self, assoc: Any, server: DicomServer) -> None:
+        super().__init__(assoc)
+        self._server = server
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = self.requestor.primitive
+        assert rq is not None
+        called = str(rq.called_ae_title or "").strip()
+        calling = str(rq.calling_ae_title or "").strip()
+        self.requestor.ae_title = rq.calling_ae_title
+        address = str(self.requestor.address)
+        peers = [
+            a
+            for a in self.assoc.ae.active_associations
+            if a.is_acceptor and a.is_established and a is not self.assoc
+        ]
+        same = [a for a in peers if str(a.requestor.address) == address]
+        verdict = self._server.admission.check(
+            called=called,
+            calling=calling,
+            address=address,
+            established_total=len(peers),
+            established_from_address=len(same),
+        )
+        if verdict is not None:
+            rsd, reason = verdict
+            info = AssociationInfo(getattr(self.assoc, "gateway_id", ""), calling, called, address)
+            log.info(
+                "association rejected",
+                extra={
+                    "association_id": info.association_id,
+                    "reason": reason,
+                    "calling_ae": safe_text(calling),
+                    "address": address,
+                },
+            )
+            self.send_reject(*rsd)
+            self._server.listener.association_rejected(info, reason)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        self.acceptor.ae_title = called
+        super()._negotiate_as_acceptor()
+
+
+class DicomServer:
+    """Runs the SCP; :meth:`start` returns once it listens, :meth:`stop` shuts it down."""
+
+    def __init__(
+        self,
+        cfg: DicomConfig,
+        listener: AssociationListener,
+        *,
+        incoming_dir: Path,
+        on_security_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.admission = Admission(cfg)
+        self.incoming_dir = incoming_dir
+        self._on_security_event = on_security_event or (lambda _r: None)
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        configure_pynetdicom(incoming_dir)
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_pdu_size = cfg.max_pdu_size
+        ae.acse_timeout = cfg.acse_timeout
+        ae.dimse_timeout = cfg.dimse_timeout
+        ae.network_timeout = cfg.network_timeout
+        # Limits are applied by Admission on established associations; pynetdicom's own
+        # count includes idle half-open connections, so it is only the hard connection cap.
+        ae.maximum_associations = cfg.max_connections
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        self.ae = ae
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        server_self = self
+
+        class Handler(RequestHandler):
+            def _create_association(self) -> Any:
+                assoc = super()._create_association()
+                assoc.gateway_id = new_id()[:16]  # type: ignore[attr-defined]
+                with contextlib.suppress(OSError):
+                    self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                assoc.acse = _GatewayACSE(assoc, server_self)
+                address = str(self.client_address[0])
+
+                def violation(reason: str) -> None:
+                    server_self._violation(assoc, address, reason)
+
+                assoc.set_socket(
+                    GuardedSocket(
+                        assoc,
+                        self.request,
+                        max_pdu_size=server_self.cfg.max_pdu_size,
+                        max_associate_pdu_size=server_self.cfg.max_associate_pdu_size,
+                        pdu_read_timeout=server_self.cfg.pdu_read_timeout,
+                        on_violation=violation,
+                    )
+                )
+                return assoc
+
+        class Server(ThreadedAssociationServer):
+            def process_request(self, request: Any, client_address: Any) -> None:
+                live = [a for a in server_self.ae.active_associations if a.is_acceptor]
+                if len(live) >= server_self.cfg.max_connections:
+                    server_self._on_security_event("connection-limit")
+                    self.shutdown_request(request)
+                    return
+                super().process_request(request, client_address)
+
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._echo),
+            (evt.EVT_C_STORE, self._store),
+            (evt.EVT_ESTABLISHED, self._established),
+            (evt.EVT_ABORTED, self._peer_aborted),
+            (evt.EVT_FSM_TRANSITION, self._transition),
+        ]
+        server = Server(
+            self.ae,
+            (self.cfg.host, self.cfg.port),
+            self.cfg.ae_title,
+            scp_contexts(),
+            None,
+            evt_handlers=handlers,
+            request_handler=Handler,
+        )
+        self.ae._servers.append(server)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="dicom-accept",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting, let associations in progress finish for ``grace`` s, then abort."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(
+            a.is_acceptor and a.is_alive() for a in self.ae.active_associations
+        ):
+            time.sleep(0.05)
+        self.ae.shutdown()
+
+    # --- event handlers (run on association threads) -----------------------------------
+    def _violation(self, assoc: Any, address: str, reason: str) -> None:
+        info = AssociationInfo(getattr(assoc, "gateway_id", ""), "", "", address)
+        try:
+            calling = assoc.requestor.ae_title
+            info = AssociationInfo(
+                info.association_id,
+                str(calling or "").strip(),
+                str(assoc.acceptor.ae_title or "").strip(),
+                address,
+            )
+        except AttributeError:
+            pass
+        self._on_security_event(reason.split(" ")[0])
+        self.listener.association_aborted(info, reason)
+
+    def _established(self, event: Any) -> None:
+        self.listener.association_accepted(_info(event.assoc))
+
+    def _peer_aborted(self, event: Any) -> None:
+        self.listener.association_aborted(_info(event.assoc), "peer-abort")
+
+    def _transition(self, event: Any) -> None:
+        # Evt19: an unrecognised or invalid PDU; pynetdicom answers with A-ABORT (AA-8).
+        if event.fsm_event == "Evt19":
+            self._on_security_event("invalid-pdu")
+            self.listener.association_aborted(_info(event.assoc), "invalid-pdu")
+
+    def _echo(self, event: Any) -> int:
+        try:
+            self.listener.echo(_info(event.assoc))
+        except IndexError_:
+            log.exception("C-ECHO audit failed")
+            return st.PROCESSING_FAILURE
+        return st.SUCCESS
+
+    def _store(self, event: Any) -> int:
+        """The one place where ingest's exceptions become C-STORE statuses."""
+        info = _info(event.assoc)
+        req = event.request
+        request = StoreRequest(
+            sop_class_uid=str(req.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            dataset_path=Path(event.dataset_path),
+        )
+        try:
+            return self.listener.store(info, request)
+        except IngestError as exc:
+            code, reason = exc.status, exc.reason
+        except SpoolFullError:
+            code, reason = st.OUT_OF_RESOURCES, "spool-full"
+        except SpoolError:
+            code, reason = st.OUT_OF_RESOURCES, "spool-unavailable"
+        except IndexError_:
+            code, reason = st.OUT_OF_RESOURCES, "index-unavailable"
+        except Exception:  # association boundary: answer, never kill the association
+            log.exception("C-STORE failed", extra={"association_id": info.association_id})
+            code, reason = st.PROCESSING_FAILURE, "internal-error"
+        try:
+            self.listener.store_failed(info, request, code, reason)
+        except Exception:  # association boundary: auditing the failure itself failed
+            log.exception("C-STORE failure audit failed")
+        return code
+
+
+def configure_pynetdicom(incoming_dir: Path) -> None:
+    """Process-wide pynetdicom settings the node relies on.
+
+    Data sets are received to, and sent from, files in chunks, and the receive buffer files
+    are created in the spool's ``incoming`` folder, on the spool's filesystem.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    incoming_dir.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(incoming_dir)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -1,0 +1,92 @@
+"""Engine, sessions and migrations for the index (SQLite by default, PostgreSQL by URL).
+
+SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk when it returns) and
+every transaction opens with ``BEGIN IMMEDIATE``, so two writers never race on a stale
+snapshot. PostgreSQL runs at READ COMMITTED; work queues use ``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.errors import IndexError_
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class Database:
+    """The index: an engine, a session factory and the schema migrations."""
+
+    def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.split("///", 1)[1] if "///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                url,
+                connect_args={"timeout": busy_timeout, "check_same_thread": False},
+                pool_size=8,
+                max_overflow=16,
+            )
+            _sqlite_setup(self.engine)
+        else:
+            self.engine = create_engine(
+                url,
+                pool_size=8,
+                max_overflow=16,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": max(1, int(busy_timeout))},
+            )
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back on any exception.
+
+        Database failures surface as :class:`IndexError_`.
+        """
+        try:
+            with self._sessions() as s, s.begin():
+                yield s
+        except SQLAlchemyError as exc:
+            raise IndexError_(f"index transaction failed: {exc.__class__.__name__}") from exc
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration."""
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,260 @@
+"""Delivery jobs in the index: creation, leased claiming, progress and admin actions.
+
+Workers claim with a lease. On PostgreSQL the candidate rows are selected ``FOR UPDATE
+SKIP LOCKED`` so several nodes can share the queue; on SQLite ``BEGIN IMMEDIATE``
+serialises claimers. A lease whose worker died expires and the delivery is claimed again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from gateway.ids import new_id
+from gateway.index.models import Delivery, DeliveryAttempt, DeliveryItem, Instance
+from gateway.index.states import CLAIMABLE, Event, State, next_state
+
+
+def create(
+    session: Session,
+    *,
+    study_instance_uid: str,
+    route_name: str,
+    destination: str,
+    profile: str,
+    instance_ids: Sequence[int],
+    now: datetime,
+) -> Delivery:
+    delivery = Delivery(
+        id=new_id(),
+        study_instance_uid=study_instance_uid,
+        route_name=route_name,
+        destination=destination,
+        profile=profile,
+        state=State.PENDING.value,
+        attempts=0,
+        next_attempt_at=now,
+        created_at=now,
+        updated_at=now,
+        last_error="",
+        instance_count=len(instance_ids),
+        sent_count=0,
+        warning_count=0,
+        failed_count=0,
+    )
+    session.add(delivery)
+    session.flush()
+    session.add_all(
+        DeliveryItem(delivery_id=delivery.id, instance_id=i, state="pending", reason="")
+        for i in instance_ids
+    )
+    return delivery
+
+
+def append_to_open(
+    session: Session,
+    *,
+    study_instance_uid: str,
+    route_name: str,
+    destination: str,
+    profile: str,
+    instance_id: int,
+    now: datetime,
+) -> Delivery:
+    """Add an instance to this study's unclaimed delivery for the route, or start one."""
+    open_delivery = session.execute(
+        select(Delivery)
+        .where(
+            Delivery.study_instance_uid == study_instance_uid,
+            Delivery.route_name == route_name,
+            Delivery.destination == destination,
+            Delivery.profile == profile,
+            Delivery.state == State.PENDING.value,
+            Delivery.attempts == 0,
+        )
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).scalar_one_or_none()
+    if open_delivery is None:
+        return create(
+            session,
+            study_instance_uid=study_instance_uid,
+            route_name=route_name,
+            destination=destination,
+            profile=profile,
+            instance_ids=[instance_id],
+            now=now,
+        )
+    session.add(
+        DeliveryItem(
+            delivery_id=open_delivery.id, instance_id=instance_id, state="pending", reason=""
+        )
+    )
+    open_delivery.instance_count += 1
+    open_delivery.updated_at = now
+    return open_delivery
+
+
+@dataclass(frozen=True)
+class Claim:
+    delivery_id: str
+    destination: str
+    attempt: int
+    lease_expires_at: datetime
+
+
+def claim(
+    session: Session,
+    *,
+    worker: str,
+    now: datetime,
+    lease_seconds: float,
+    capacity: dict[str, int],
+    skip: frozenset[str] = frozenset(),
+) -> Claim | None:
+    """Lease the next due delivery whose destination has a free association slot."""
+    due = or_(
+        (Delivery.state.in_([s.value for s in CLAIMABLE])) & (Delivery.next_attempt_at <= now),
+        (Delivery.state == State.IN_PROGRESS.value) & (Delivery.lease_expires_at < now),
+    )
+    candidates = (
+        session.execute(
+            select(Delivery)
+            .where(due)
+            .order_by(Delivery.next_attempt_at, Delivery.created_at)
+            .limit(32)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+    if not candidates:
+        return None
+    busy = dict(
+        session.execute(
+            select(Delivery.destination, func.count())
+            .where(Delivery.state == State.IN_PROGRESS.value, Delivery.lease_expires_at >= now)
+            .group_by(Delivery.destination)
+        ).tuples()
+    )
+    for d in candidates:
+        if d.destination in skip:
+            continue
+        if busy.get(d.destination, 0) >= capacity.get(d.destination, 1):
+            continue
+        event = Event.LEASE_EXPIRED if d.state == State.IN_PROGRESS.value else Event.CLAIM
+        d.state = next_state(d.state, event).value
+        d.lease_owner = worker
+        d.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        d.attempts += 1
+        d.updated_at = now
+        return Claim(d.id, d.destination, d.attempts, d.lease_expires_at)
+    return None
+
+
+def renew(session: Session, delivery_id: str, *, worker: str, until: datetime) -> bool:
+    """Extend a lease still held by ``worker``; False if it was lost (expired, cancelled)."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            Delivery.lease_owner == worker,
+            Delivery.state == State.IN_PROGRESS.value,
+        )
+        .values(lease_expires_at=until)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def pending_items(session: Session, delivery_id: str) -> list[tuple[DeliveryItem, Instance]]:
+    rows = session.execute(
+        select(DeliveryItem, Instance)
+        .join(Instance, Instance.id == DeliveryItem.instance_id)
+        .where(DeliveryItem.delivery_id == delivery_id, DeliveryItem.state == "pending")
+        .order_by(DeliveryItem.id)
+    ).tuples()
+    return list(rows)
+
+
+def record_item(
+    session: Session, item_id: int, *, state: str, status: int | None, reason: str
+) -> None:
+    session.execute(
+        update(DeliveryItem)
+        .where(DeliveryItem.id == item_id)
+        .values(state=state, status=status, reason=reason)
+    )
+
+
+def refresh_counts(session: Session, delivery: Delivery) -> None:
+    counts = dict(
+        session.execute(
+            select(DeliveryItem.state, func.count())
+            .where(DeliveryItem.delivery_id == delivery.id)
+            .group_by(DeliveryItem.state)
+        ).tuples()
+    )
+    delivery.sent_count = counts.get("sent", 0) + counts.get("warning", 0)
+    delivery.warning_count = counts.get("warning", 0)
+    delivery.failed_count = counts.get("failed", 0)
+    delivery.instance_count = sum(counts.values())
+
+
+def finish_attempt(
+    session: Session,
+    delivery: Delivery,
+    *,
+    event: Event,
+    worker: str,
+    started_at: datetime,
+    now: datetime,
+    reason: str,
+    next_attempt_at: datetime | None = None,
+) -> None:
+    """Close an attempt: move the state, release the lease, write the attempt row."""
+    refresh_counts(session, delivery)
+    session.add(
+        DeliveryAttempt(
+            delivery_id=delivery.id,
+            number=delivery.attempts,
+            worker=worker,
+            started_at=started_at,
+            finished_at=now,
+            outcome=event.value,
+            reason=reason,
+            sent=delivery.sent_count,
+            warnings=delivery.warning_count,
+            failed=delivery.failed_count,
+        )
+    )
+    delivery.state = next_state(delivery.state, event).value
+    delivery.lease_owner = None
+    delivery.lease_expires_at = None
+    delivery.last_error = reason
+    delivery.updated_at = now
+    if next_attempt_at is not None:
+        delivery.next_attempt_at = next_attempt_at
+
+
+def admin_retry(session: Session, delivery: Delivery, *, now: datetime) -> None:
+    """Re-queue a dead-lettered, cancelled or quarantined delivery; failed items resend."""
+    delivery.state = next_state(delivery.state, Event.RETRY).value
+    delivery.attempts = 0
+    delivery.next_attempt_at = now
+    delivery.updated_at = now
+    session.execute(
+        update(DeliveryItem)
+        .where(DeliveryItem.delivery_id == delivery.id, DeliveryItem.state.in_(["failed"]))
+        .values(state="pending", status=None, reason="")
+    )
+
+
+def admin_cancel(delivery: Delivery, *, now: datetime) -> None:
+    delivery.state = next_state(delivery.state, Event.CANCEL).value
+    delivery.lease_owner = None
+    delivery.lease_expires_at = None
+    delivery.updated_at = now

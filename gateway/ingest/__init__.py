@@ -1,0 +1,1 @@
+"""Ingest: authorise, spool, index and audit what modalities send."""

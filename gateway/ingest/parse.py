@@ -1,0 +1,79 @@
+"""Reading a received data set's header, defensively.
+
+Reading is tolerant where pydicom's is (PS3.5 quirks are warnings), but a data set that
+cannot be parsed, is truncated, or nests sequences deeper than the configured limit is
+refused with 0xC000 (Cannot Understand) before anything is stored.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from gateway.dicom import status as st
+from gateway.errors import IngestError
+
+_DEFER = 8192
+
+
+def read_header(path: Path, *, max_depth: int) -> Dataset:
+    """Parse ``path`` (a DICOM file) keeping large values on disk; check it is whole."""
+    size = path.stat().st_size
+    try:
+        ds = dcmread(path, defer_size=_DEFER)
+        _check_extent(ds, size)
+        _check_depth(ds, max_depth)
+    except RecursionError as exc:
+        raise IngestError(st.CANNOT_UNDERSTAND, "sequence-nesting-too-deep") from exc
+    except IngestError:
+        raise
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        struct.error,
+        NotImplementedError,
+        AttributeError,
+        IndexError,
+        OSError,
+    ) as exc:
+        raise IngestError(st.CANNOT_UNDERSTAND, "dataset-unparseable") from exc
+    return ds
+
+
+def _check_extent(ds: Dataset, size: int) -> None:
+    """Deferred values must lie inside the file: a declared length past the end is a lie."""
+    for elem in ds.elements():
+        if isinstance(elem, RawDataElement) and elem.value is None:
+            if elem.length != 0xFFFFFFFF and elem.value_tell + elem.length > size:
+                raise IngestError(st.CANNOT_UNDERSTAND, "dataset-truncated")
+
+
+def _check_depth(ds: Dataset, max_depth: int) -> None:
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        for elem in current.elements():
+            vr = elem.VR
+            if vr != "SQ" and not (
+                isinstance(elem, RawDataElement)
+                and vr in (None, "UN")
+                and elem.length == 0xFFFFFFFF
+            ):
+                continue
+            value = current[elem.tag].value
+            if not isinstance(value, list):
+                continue
+            if depth + 1 > max_depth:
+                raise IngestError(st.CANNOT_UNDERSTAND, "sequence-nesting-too-deep")
+            for item in value:
+                if isinstance(item, Dataset):
+                    stack.append((item, depth + 1))

@@ -1,0 +1,425 @@
+"""The C-STORE and C-ECHO service of the node (PS3.4 Annex B and A).
+
+For every instance, in this order: the receive buffer is fsync'd, renamed into the spool
+and the spool folder fsync'd; then one transaction writes the index rows, the route
+decisions and the audit row; only after that commit is 0x0000 answered. A crash at any
+point before the commit leaves a spool file that no index row names, which start-up
+removes (no Success was sent for it).
+
+Duplicates (the same SOP Instance UID again): identical bytes are an idempotent Success
+with one copy kept; different bytes follow ``ingest.duplicate_policy``: ``keep-both``
+stores the new bytes as the next version and routes it, ``reject`` answers 0x0111
+(Duplicate SOP Instance) and keeps only the first. Both are audited.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from gateway.audit.chain import AuditRecord, append
+from gateway.clock import Clock
+from gateway.config import GatewayConfig
+from gateway.dicom import status as st
+from gateway.dicom.server import AssociationInfo, StoreRequest
+from gateway.dicom.uids import is_valid_uid
+from gateway.errors import IngestError
+from gateway.index import deliveries
+from gateway.index.db import Database
+from gateway.index.models import Instance, RouteCandidate, Series, Study
+from gateway.ingest.parse import read_header
+from gateway.metrics import Metrics
+from gateway.routing.match import matches
+from gateway.spool.store import Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Header:
+    study_instance_uid: str
+    series_instance_uid: str
+    values: Dataset
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except (ValueError, TypeError, KeyError):  # a value pydicom cannot convert
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
+    return str(value)[:limit]
+
+
+class IngestService:
+    """Implements :class:`gateway.dicom.server.AssociationListener`."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        *,
+        db: Database,
+        spool: Spool,
+        clock: Clock,
+        metrics: Metrics,
+        on_stream_delivery: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.spool = spool
+        self.clock = clock
+        self.metrics = metrics
+        self._notify = on_stream_delivery or (lambda: None)
+
+    # --- association events --------------------------------------------------------------
+    def _audit(self, record: AuditRecord) -> None:
+        with self.db.session() as s:
+            append(s, record, node=self.cfg.node.name, now=self.clock.now())
+
+    def association_accepted(self, info: AssociationInfo) -> None:
+        self.metrics.associations.labels("accepted").inc()
+        self._audit(
+            AuditRecord(
+                "association",
+                "accepted",
+                info.calling_ae_title,
+                info.called_ae_title,
+                info.address,
+                detail={"association_id": info.association_id},
+            )
+        )
+
+    def association_rejected(self, info: AssociationInfo, reason: str) -> None:
+        self.metrics.associations.labels("rejected").inc()
+        self.metrics.security_events.labels(reason).inc()
+        self._audit(
+            AuditRecord(
+                "association",
+                "rejected",
+                info.calling_ae_title,
+                info.called_ae_title,
+                info.address,
+                detail={"association_id": info.association_id, "reason": reason},
+            )
+        )
+
+    def association_aborted(self, info: AssociationInfo, reason: str) -> None:
+        self.metrics.associations.labels("aborted").inc()
+        self._audit(
+            AuditRecord(
+                "association",
+                "aborted",
+                info.calling_ae_title,
+                info.called_ae_title,
+                info.address,
+                detail={"association_id": info.association_id, "reason": reason},
+            )
+        )
+
+    def echo(self, info: AssociationInfo) -> None:
+        self._audit(
+            AuditRecord(
+                "c-echo",
+                "success",
+                info.calling_ae_title,
+                info.called_ae_title,
+                info.address,
+                status=st.SUCCESS,
+            )
+        )
+
+    def store_failed(
+        self, info: AssociationInfo, request: StoreRequest, status: int, reason: str
+    ) -> None:
+        self.metrics.instances_received.labels(self._called_label(info), "failed").inc()
+        log.info(
+            "C-STORE refused",
+            extra={
+                "association_id": info.association_id,
+                "status": f"0x{status:04X}",
+                "reason": reason,
+            },
+        )
+        self._audit(
+            AuditRecord(
+                "c-store",
+                "failure",
+                info.calling_ae_title,
+                info.called_ae_title,
+                info.address,
+                sop_class_uid=request.sop_class_uid if is_valid_uid(request.sop_class_uid) else "",
+                sop_instance_uid=(
+                    request.sop_instance_uid if is_valid_uid(request.sop_instance_uid) else ""
+                ),
+                status=status,
+                detail={"reason": reason, "association_id": info.association_id},
+            )
+        )
+
+    def _called_label(self, info: AssociationInfo) -> str:
+        return info.called_ae_title if info.called_ae_title else "unknown"
+
+    # --- C-STORE ------------------------------------------------------------------------
+    def store(self, info: AssociationInfo, request: StoreRequest) -> int:
+        started = time.perf_counter()
+        header = self._validate(request)
+        self.spool.check_space()
+        size, sha256 = self.spool.digest(request.dataset_path)
+        obj = self.spool.commit(request.dataset_path, size=size, sha256=sha256)
+        now = self.clock.now()
+        try:
+            with self.db.session() as s:
+                outcome, streamed = self._index(
+                    s, info, request, header, obj.key, size, sha256, now
+                )
+        except BaseException:
+            self.spool.delete(obj.key)
+            raise
+        if streamed:
+            self._notify()
+        if outcome != "stored":
+            self.spool.delete(obj.key)
+        if outcome == "rejected-duplicate":
+            self.metrics.instances_received.labels(self._called_label(info), "rejected").inc()
+            raise IngestError(st.DUPLICATE_SOP_INSTANCE, "duplicate-with-different-content")
+        self.metrics.instances_received.labels(self._called_label(info), outcome).inc()
+        if outcome == "stored":
+            self.metrics.bytes_received.labels(self._called_label(info)).inc(size)
+        self.metrics.ingest_latency.observe(time.perf_counter() - started)
+        return st.SUCCESS
+
+    def _validate(self, request: StoreRequest) -> _Header:
+        if not is_valid_uid(request.sop_instance_uid) or not is_valid_uid(request.sop_class_uid):
+            raise IngestError(st.INVALID_OBJECT_INSTANCE, "invalid-uid-in-command")
+        ds = read_header(request.dataset_path, max_depth=self.cfg.dicom.max_sequence_depth)
+        if _text(ds, "SOPInstanceUID", 65) != request.sop_instance_uid:
+            raise IngestError(st.DATASET_MISMATCH, "sop-instance-uid-differs-from-command")
+        if _text(ds, "SOPClassUID", 65) != request.sop_class_uid:
+            raise IngestError(st.DATASET_MISMATCH, "sop-class-uid-differs-from-command")
+        study = _text(ds, "StudyInstanceUID", 65)
+        series = _text(ds, "SeriesInstanceUID", 65)
+        if not is_valid_uid(study) or not is_valid_uid(series):
+            raise IngestError(st.DATASET_MISMATCH, "missing-or-invalid-study-or-series-uid")
+        return _Header(study, series, ds)
+
+    def _index(
+        self,
+        s: Session,
+        info: AssociationInfo,
+        request: StoreRequest,
+        header: _Header,
+        key: str,
+        size: int,
+        sha256: str,
+        now: datetime,
+    ) -> tuple[str, bool]:
+        ds = header.values
+        versions = s.execute(
+            select(Instance.version, Instance.sha256).where(
+                Instance.sop_instance_uid == request.sop_instance_uid
+            )
+        ).all()
+        base = AuditRecord(
+            "c-store",
+            "success",
+            info.calling_ae_title,
+            info.called_ae_title,
+            info.address,
+            sop_class_uid=request.sop_class_uid,
+            sop_instance_uid=request.sop_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            status=st.SUCCESS,
+        )
+        node = self.cfg.node.name
+        if any(v.sha256 == sha256 for v in versions):
+            append(
+                s,
+                _with(
+                    base, detail={"duplicate": "identical", "association_id": info.association_id}
+                ),
+                node=node,
+                now=now,
+            )
+            return "duplicate", False
+        if versions and self.cfg.ingest.duplicate_policy == "reject":
+            append(
+                s,
+                _with(
+                    base,
+                    outcome="failure",
+                    status=st.DUPLICATE_SOP_INSTANCE,
+                    detail={
+                        "duplicate": "different-content-rejected",
+                        "association_id": info.association_id,
+                    },
+                ),
+                node=node,
+                now=now,
+            )
+            return "rejected-duplicate", False
+        version = max((v.version for v in versions), default=0) + 1
+        instance = Instance(
+            spool_key=key,
+            sop_instance_uid=request.sop_instance_uid,
+            version=version,
+            sop_class_uid=request.sop_class_uid,
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            modality=_text(ds, "Modality", 16),
+            instance_number=_text(ds, "InstanceNumber", 12),
+            size=size,
+            sha256=sha256,
+            received_at=now,
+            calling_ae_title=info.calling_ae_title[:16],
+            called_ae_title=info.called_ae_title[:16],
+            calling_address=info.address[:64],
+            association_id=info.association_id,
+        )
+        s.add(instance)
+        s.flush()
+        self._summaries(s, ds, header, now)
+        streamed = self._route(s, info, ds, header, instance.id, now)
+        detail: dict[str, object] = {"association_id": info.association_id, "size": size}
+        if version > 1:
+            detail["duplicate"] = "different-content-kept"
+            detail["version"] = version
+        append(s, _with(base, detail=detail), node=node, now=now)
+        return "stored", streamed
+
+    def _summaries(self, s: Session, ds: Dataset, header: _Header, now: datetime) -> None:
+        insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
+        study_values = {
+            "study_instance_uid": header.study_instance_uid,
+            "patient_id": _text(ds, "PatientID", 64),
+            "patient_name": _text(ds, "PatientName", 324),
+            "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+            "patient_sex": _text(ds, "PatientSex", 16),
+            "study_date": _text(ds, "StudyDate", 8),
+            "study_time": _text(ds, "StudyTime", 16),
+            "accession_number": _text(ds, "AccessionNumber", 16),
+            "study_id": _text(ds, "StudyID", 16),
+            "study_description": _text(ds, "StudyDescription", 64),
+            "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
+            "modalities": "",
+            "instance_count": 0,
+            "first_received_at": now,
+            "last_received_at": now,
+        }
+        s.execute(insert(Study).values(**study_values).on_conflict_do_nothing())
+        modality = _text(ds, "Modality", 16)
+        study = s.execute(
+            select(Study)
+            .where(Study.study_instance_uid == header.study_instance_uid)
+            .with_for_update()
+        ).scalar_one()
+        study.instance_count += 1
+        study.last_received_at = now
+        mods = [m for m in study.modalities.split("\\") if m]
+        if modality and modality not in mods:
+            study.modalities = "\\".join([*mods, modality])[:128]
+        s.execute(
+            insert(Series)
+            .values(
+                series_instance_uid=header.series_instance_uid,
+                study_instance_uid=header.study_instance_uid,
+                modality=modality,
+                series_number=_text(ds, "SeriesNumber", 12),
+                series_description=_text(ds, "SeriesDescription", 64),
+                instance_count=0,
+            )
+            .on_conflict_do_nothing()
+        )
+        s.execute(
+            update(Series)
+            .where(Series.series_instance_uid == header.series_instance_uid)
+            .values(instance_count=Series.instance_count + 1)
+        )
+
+    def _route(
+        self,
+        s: Session,
+        info: AssociationInfo,
+        ds: Dataset,
+        header: _Header,
+        instance_id: int,
+        now: datetime,
+    ) -> bool:
+        facts = {
+            "CalledAETitle": [info.called_ae_title],
+            "CallingAETitle": [info.calling_ae_title],
+            "CallingAddress": [info.address],
+        }
+
+        def lookup(attribute: str) -> list[str]:
+            if attribute in facts:
+                return facts[attribute]
+            try:
+                value = ds.get(attribute)
+            except (ValueError, TypeError, KeyError):
+                return []
+            if value is None or value == "":
+                return []
+            if isinstance(value, MultiValue | list):
+                return [str(v) for v in value]
+            return [str(value)]
+
+        streamed = False
+        for route in self.cfg.routes:
+            if not matches(route.match, lookup):
+                continue
+            if route.mode == "stream":
+                for destination in route.destinations:
+                    deliveries.append_to_open(
+                        s,
+                        study_instance_uid=header.study_instance_uid,
+                        route_name=route.name,
+                        destination=destination,
+                        profile="",
+                        instance_id=instance_id,
+                        now=now,
+                    )
+                streamed = True
+                s.add(
+                    RouteCandidate(
+                        instance_id=instance_id,
+                        study_instance_uid=header.study_instance_uid,
+                        route_name=route.name,
+                        routed=1,
+                    )
+                )
+            else:
+                s.add(
+                    RouteCandidate(
+                        instance_id=instance_id,
+                        study_instance_uid=header.study_instance_uid,
+                        route_name=route.name,
+                        routed=0,
+                    )
+                )
+        return streamed
+
+    # --- start-up -----------------------------------------------------------------------
+    def recover(self) -> int:
+        """Remove spool files no index row names (crash before commit); return how many."""
+        with self.db.session() as s:
+            known = set(s.execute(select(Instance.spool_key)).scalars())
+        removed = self.spool.remove_orphans(known)
+        removed += self.spool.sweep_incoming(older_than=0, now=time.time())
+        return removed
+
+
+def _with(record: AuditRecord, **changes: object) -> AuditRecord:
+    return replace(record, **changes)  # type: ignore[arg-type]

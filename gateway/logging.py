@@ -1,0 +1,45 @@
+"""Structured logs: one JSON object per line, carrying ids, never patient data.
+
+Callers pass ids in ``extra`` (association_id, delivery_id, reason, status); values read
+from data sets (names, IDs, dates, UIDs) are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value if isinstance(value, int | float | bool) else str(value)
+        if record.exc_info and record.exc_info[0] is not None:
+            out["error"] = record.exc_info[0].__name__
+        return json.dumps(out, ensure_ascii=True)
+
+
+def configure(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

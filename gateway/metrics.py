@@ -1,0 +1,60 @@
+"""Prometheus metrics. Labels are bounded sets (our AE titles, destination names, outcomes),
+never UIDs, calling AE titles from the wire, or patient data."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.associations = Counter(
+            "gateway_associations", "Associations by outcome", ["outcome"], registry=r
+        )
+        self.instances_received = Counter(
+            "gateway_instances_received",
+            "C-STORE requests by outcome",
+            ["called_ae", "outcome"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "gateway_received_bytes", "Bytes of instances stored", ["called_ae"], registry=r
+        )
+        self.ingest_latency = Histogram(
+            "gateway_ingest_latency_seconds",
+            "From a complete C-STORE data set to the answer (parse, fsync, commit)",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.instances_forwarded = Counter(
+            "gateway_instances_forwarded",
+            "Instances sent to destinations by outcome",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.bytes_sent = Counter(
+            "gateway_sent_bytes", "Bytes of instances sent", ["destination"], registry=r
+        )
+        self.delivery_attempts = Counter(
+            "gateway_delivery_attempts",
+            "Delivery attempts by outcome",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.deliveries = Gauge("gateway_deliveries", "Deliveries by state", ["state"], registry=r)
+        self.oldest_pending = Gauge(
+            "gateway_oldest_pending_delivery_seconds",
+            "Age of the oldest delivery not yet delivered, failed or cancelled",
+            registry=r,
+        )
+        self.security_events = Counter(
+            "gateway_security_events",
+            "Refused connections, PDUs and associations",
+            ["kind"],
+            registry=r,
+        )
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,144 @@
+"""The spool: files written temp -> fsync -> rename -> fsync(dir), named by our own ids.
+
+Layout under the spool root::
+
+    incoming/      files being received (pynetdicom writes here); never read as instances
+    objects/ab/    committed objects, ``<key>.dcm``, key = :func:`gateway.ids.new_id`
+
+A name in the spool never holds anything a peer sent (AE titles, UIDs): only our keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import SpoolError, SpoolFullError
+from gateway.ids import new_id
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class SpooledObject:
+    """A file that is durable on disk but not yet named in the index."""
+
+    key: str
+    path: Path
+    size: int
+    sha256: str
+
+
+class Spool:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.incoming = root / "incoming"
+        self.objects = root / "objects"
+        for d in (self.incoming, self.objects):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # --- writing -------------------------------------------------------------------------
+    def check_space(self) -> None:
+        """Raise :class:`SpoolFullError` when free space is below the high-water mark."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            raise SpoolError(f"spool not accessible: {exc.strerror}") from exc
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes:
+            raise SpoolFullError(f"spool free space {free} below the mark {self.min_free_bytes}")
+
+    def digest(self, path: Path) -> tuple[int, str]:
+        """Size and SHA-256 of a file, read in chunks."""
+        h = hashlib.sha256()
+        size = 0
+        with path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return size, h.hexdigest()
+
+    def commit(self, temp: Path, *, size: int, sha256: str) -> SpooledObject:
+        """Make ``temp`` durable under a fresh key: fsync the file, rename, fsync the folder."""
+        key = new_id()
+        final = self.path_of(key)
+        try:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            parent = final.parent
+            if not parent.exists():
+                parent.mkdir(exist_ok=True)
+                _fsync_dir(self.objects)
+            os.rename(temp, final)
+            _fsync_dir(parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError("spool filesystem is full") from exc
+            raise SpoolError(f"spool write failed: {exc.strerror}") from exc
+        return SpooledObject(key=key, path=final, size=size, sha256=sha256)
+
+    # --- reading -------------------------------------------------------------------------
+    def path_of(self, key: str) -> Path:
+        if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
+            raise SpoolError("malformed spool key")
+        return self.objects / key[:2] / f"{key}.dcm"
+
+    def exists(self, key: str) -> bool:
+        return self.path_of(key).exists()
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path_of(key).unlink()
+
+    # --- housekeeping --------------------------------------------------------------------
+    def keys(self) -> Iterator[str]:
+        for sub in self.objects.iterdir():
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    if f.suffix == ".dcm":
+                        yield f.stem
+
+    def remove_orphans(self, known: Iterable[str]) -> int:
+        """Delete committed files that no index row names (a crash before the commit).
+
+        No Success was sent for them, so nothing acknowledged is lost.
+        """
+        known_set = set(known)
+        removed = 0
+        for key in list(self.keys()):
+            if key not in known_set:
+                self.delete(key)
+                removed += 1
+        return removed
+
+    def sweep_incoming(self, *, older_than: float, now: float) -> int:
+        """Remove receive buffers left by aborted associations or a crash."""
+        removed = 0
+        for f in self.incoming.iterdir():
+            try:
+                if now - f.stat().st_mtime >= older_than:
+                    f.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Transfer: the delivery worker, its preparation pipeline and the destinations."""

@@ -1,0 +1,293 @@
+"""The delivery worker: claim a delivery, prepare its instances, send, record, repeat.
+
+Each attempt holds a lease on its delivery, renewed as results are recorded. Results are
+written in small batches; a crash between a destination's answer and its record only
+means that instance is sent again under the same SOP Instance UID, which DICOM allows
+(no second copy with a new UID is ever made). Receiving never waits on this: the worker
+runs on its own threads and only reads the spool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from gateway.audit.chain import AuditRecord, append
+from gateway.clock import Clock
+from gateway.config import GatewayConfig
+from gateway.dicom.scu import OutgoingFile
+from gateway.errors import (
+    GatewayError,
+    IndexError_,
+    PermanentError,
+    QuarantineError,
+    RetryableError,
+)
+from gateway.index import deliveries
+from gateway.index.db import Database
+from gateway.index.models import Delivery
+from gateway.index.states import Event, State
+from gateway.metrics import Metrics
+from gateway.spool.store import Spool
+from gateway.transfer.destinations import Destination, SendResult
+from gateway.transfer.pipeline import DeliveryContext, Pipeline
+
+log = logging.getLogger(__name__)
+
+_BATCH = 32
+_BATCH_SECONDS = 1.0
+
+
+@dataclass
+class _Progress:
+    results: list[tuple[int, SendResult]]
+    last_flush: float
+    lease_lost: bool = False
+
+
+def backoff(attempt: int, *, initial: float, multiplier: float, cap: float) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` (exponential with a cap)."""
+    return float(min(cap, initial * multiplier ** max(0, attempt - 1)))
+
+
+class Worker:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        *,
+        db: Database,
+        spool: Spool,
+        clock: Clock,
+        metrics: Metrics,
+        destinations: Mapping[str, Destination],
+        pipeline: Pipeline | None = None,
+        name: str = "worker",
+    ) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.spool = spool
+        self.clock = clock
+        self.metrics = metrics
+        self.destinations = destinations
+        self.pipeline = pipeline or Pipeline()
+        self.name = name
+        self.wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.capacity = {d.name: d.max_associations for d in cfg.destinations}
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.cfg.worker.threads):
+            t = threading.Thread(
+                target=self._loop, args=(f"{self.name}-{i}",), name=f"{self.name}-{i}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self.wakeup.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def _loop(self, worker_id: str) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once(worker_id)
+            except IndexError_:
+                log.warning("index unavailable; worker backing off", exc_info=True)
+                worked = False
+            except Exception:  # thread boundary: a bug must not kill the worker thread
+                log.exception("worker iteration failed")
+                worked = False
+            if not worked:
+                self.wakeup.wait(self.cfg.worker.poll_interval)
+                self.wakeup.clear()
+
+    # --- one delivery ----------------------------------------------------------------------
+    def run_once(self, worker_id: str) -> bool:
+        now = self.clock.now()
+        with self.db.session() as s:
+            claim = deliveries.claim(
+                s,
+                worker=worker_id,
+                now=now,
+                lease_seconds=self.cfg.worker.lease_seconds,
+                capacity=self.capacity,
+            )
+        if claim is None:
+            return False
+        self._attempt(claim.delivery_id, worker_id, started=now)
+        return True
+
+    def _attempt(self, delivery_id: str, worker_id: str, *, started: datetime) -> None:
+        with self.db.session() as s:
+            delivery = s.get(Delivery, delivery_id)
+            assert delivery is not None
+            items = deliveries.pending_items(s, delivery_id)
+            ctx = DeliveryContext(
+                delivery.id, delivery.route_name, delivery.destination, delivery.profile
+            )
+            study_uid = delivery.study_instance_uid
+        destination = self.destinations.get(ctx.destination)
+        files: list[OutgoingFile] = []
+        item_ids: list[int] = []
+        event: Event
+        reason = ""
+        progress = _Progress([], time.monotonic())
+        try:
+            if destination is None:
+                raise PermanentError("destination is no longer configured")
+            for item, instance in items:
+                source = OutgoingFile(
+                    sop_class_uid=instance.sop_class_uid,
+                    sop_instance_uid=instance.sop_instance_uid,
+                    transfer_syntax_uid=instance.transfer_syntax_uid,
+                    path=self.spool.path_of(instance.spool_key),
+                )
+                files.append(self.pipeline.prepare(source, ctx))
+                item_ids.append(item.id)
+
+            def report(result: SendResult) -> None:
+                progress.results.append((item_ids[result.index], result))
+                self.metrics.instances_forwarded.labels(ctx.destination, result.outcome).inc()
+                if result.outcome != "failed":
+                    self.metrics.bytes_sent.labels(ctx.destination).inc(_size(files[result.index]))
+                if (
+                    len(progress.results) >= _BATCH
+                    or time.monotonic() - progress.last_flush >= _BATCH_SECONDS
+                ):
+                    self._flush(delivery_id, worker_id, progress)
+
+            destination.deliver(files, report, lambda: progress.lease_lost or self._stop.is_set())
+            self._flush(delivery_id, worker_id, progress)
+            if progress.lease_lost:
+                log.warning("lease lost; attempt abandoned", extra={"delivery_id": delivery_id})
+                return
+            event = Event.DELIVERED
+        except QuarantineError as exc:
+            event, reason = Event.QUARANTINE, str(exc)
+        except RetryableError as exc:
+            event, reason = Event.RETRYABLE_FAILURE, str(exc)
+        except PermanentError as exc:
+            event, reason = Event.PERMANENT_FAILURE, str(exc)
+        except GatewayError as exc:
+            event, reason = Event.RETRYABLE_FAILURE, f"{exc.__class__.__name__}: {exc}"
+        if progress.results:
+            # what the destination already took is recorded before the attempt closes
+            self._flush(delivery_id, worker_id, progress)
+        self._finish(delivery_id, worker_id, event, reason, started, study_uid)
+
+    def _flush(self, delivery_id: str, worker_id: str, progress: _Progress) -> None:
+        pending, progress.results = progress.results, []
+        progress.last_flush = time.monotonic()
+        until = self.clock.now() + timedelta(seconds=self.cfg.worker.lease_seconds)
+        with self.db.session() as s:
+            for item_id, r in pending:
+                deliveries.record_item(
+                    s, item_id, state=r.outcome, status=r.status, reason=r.reason
+                )
+            if not deliveries.renew(s, delivery_id, worker=worker_id, until=until):
+                progress.lease_lost = True
+
+    def _finish(
+        self,
+        delivery_id: str,
+        worker_id: str,
+        event: Event,
+        reason: str,
+        started: datetime,
+        study_uid: str,
+    ) -> None:
+        now = self.clock.now()
+        with self.db.session() as s:
+            delivery = s.execute(
+                select(Delivery).where(Delivery.id == delivery_id).with_for_update()
+            ).scalar_one()
+            if delivery.state != State.IN_PROGRESS.value or delivery.lease_owner != worker_id:
+                log.info(
+                    "delivery changed under the worker; not recording",
+                    extra={"delivery_id": delivery_id},
+                )
+                return
+            deliveries.refresh_counts(s, delivery)
+            next_at = None
+            if event is Event.DELIVERED:
+                if delivery.failed_count:
+                    event, reason = (
+                        Event.PERMANENT_FAILURE,
+                        (f"{delivery.failed_count} instance(s) refused by the destination"),
+                    )
+                elif delivery.warning_count:
+                    event = Event.DELIVERED_WITH_WARNINGS
+                    reason = f"{delivery.warning_count} instance(s) stored with a warning"
+            elif event is Event.RETRYABLE_FAILURE:
+                if delivery.attempts >= self.cfg.worker.max_attempts:
+                    event = Event.ATTEMPTS_EXHAUSTED
+                else:
+                    w = self.cfg.worker
+                    next_at = now + timedelta(
+                        seconds=backoff(
+                            delivery.attempts,
+                            initial=w.backoff_initial,
+                            multiplier=w.backoff_multiplier,
+                            cap=w.backoff_max,
+                        )
+                    )
+            deliveries.finish_attempt(
+                s,
+                delivery,
+                event=event,
+                worker=worker_id,
+                started_at=started,
+                now=now,
+                reason=reason,
+                next_attempt_at=next_at,
+            )
+            outcome = {
+                Event.DELIVERED: "success",
+                Event.DELIVERED_WITH_WARNINGS: "warning",
+                Event.RETRYABLE_FAILURE: "retry",
+            }.get(event, "failure")
+            append(
+                s,
+                AuditRecord(
+                    "delivery-attempt",
+                    outcome,
+                    study_instance_uid=study_uid,
+                    delivery_id=delivery_id,
+                    detail={
+                        "destination": delivery.destination,
+                        "attempt": delivery.attempts,
+                        "state": delivery.state,
+                        "sent": delivery.sent_count,
+                        "warnings": delivery.warning_count,
+                        "failed": delivery.failed_count,
+                        "reason": reason,
+                    },
+                ),
+                node=self.cfg.node.name,
+                now=now,
+            )
+            self.metrics.delivery_attempts.labels(delivery.destination, event.value).inc()
+        level = logging.INFO if outcome in ("success", "warning") else logging.WARNING
+        log.log(
+            level,
+            "delivery attempt finished",
+            extra={"delivery_id": delivery_id, "event": event.value, "reason": reason},
+        )
+
+
+def _size(f: OutgoingFile) -> int:
+    try:
+        return f.path.stat().st_size
+    except OSError:
+        return 0
