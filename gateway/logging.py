@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -30,7 +32,12 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 out[key] = value if isinstance(value, int | float | bool) else str(value)
         if record.exc_info and record.exc_info[0] is not None:
+            # the type and where it was raised; never the message, which may hold values
             out["error"] = record.exc_info[0].__name__
+            tb = traceback.extract_tb(record.exc_info[2])
+            out["at"] = " < ".join(
+                f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(tb[-6:])
+            )
         return json.dumps(out, ensure_ascii=True)
 
 

@@ -20,12 +20,15 @@ import socket
 import tempfile
 import threading
 import time
+from copy import deepcopy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom import AE, _config, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
 from pynetdicom.acse import ACSE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -230,15 +233,17 @@ class DicomServer:
 
         class Handler(RequestHandler):
             def _create_association(self) -> Any:
-                assoc = super()._create_association()
+                # pynetdicom's RequestHandler._create_association, with our socket and ACSE
+                assoc = Association(self.ae, MODE_ACCEPTOR)
+                assoc._server = self.server
+                assoc.name = f"AcceptorThread@{new_id()[:8]}"
                 assoc.gateway_id = new_id()[:16]  # type: ignore[attr-defined]
+                assoc.acse = _GatewayACSE(assoc, server_self)
                 with contextlib.suppress(OSError):
                     self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                assoc.acse = _GatewayACSE(assoc, server_self)
-                address = str(self.client_address[0])
 
                 def violation(reason: str) -> None:
-                    server_self._violation(assoc, address, reason)
+                    server_self._violation(assoc, str(self.client_address[0]), reason)
 
                 assoc.set_socket(
                     GuardedSocket(
@@ -250,6 +255,19 @@ class DicomServer:
                         on_violation=violation,
                     )
                 )
+                assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+                assoc.acceptor.ae_title = self.server.ae_title
+                assoc.acceptor.address_info = self.local
+                assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+                assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+                assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+                assoc.requestor.address_info = self.remote
+                for event, bound in self.server._handlers.items():
+                    if event.is_intervention and bound:
+                        assoc.bind(event, *bound)
+                    elif isinstance(event, evt.NotificationEvent):
+                        for handler in bound:
+                            assoc.bind(event, handler[0], handler[1])
                 return assoc
 
         class Server(ThreadedAssociationServer):

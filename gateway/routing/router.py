@@ -121,7 +121,9 @@ class Router:
         now = self.clock.now()
         with self.db.session() as s:
             counts = dict(
-                s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).tuples()
+                s.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
+                .tuples()
+                .all()
             )
             oldest = s.execute(
                 select(func.min(Delivery.created_at)).where(

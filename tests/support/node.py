@@ -1,0 +1,189 @@
+"""Run a dicom-gateway node as a real process (``dicom-gateway serve``) for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Self
+
+from tests.support.peers import free_port, log_tail, wait_for_port
+
+GATEWAY = str(Path(sys.executable).with_name("dicom-gateway"))
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def render_toml(sections: dict[str, Any]) -> str:
+    """Render {"dicom": {...}, "destinations": [{...}], ...} as TOML."""
+    out: list[str] = []
+    for name, body in sections.items():
+        if isinstance(body, list):
+            for entry in body:
+                out.append(f"[[{name}]]")
+                out += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+                out.append("")
+        else:
+            tables = {k: v for k, v in body.items() if isinstance(v, list) and v
+                      and isinstance(v[0], dict) and k == "allow"}
+            out.append(f"[{name}]")
+            out += [f"{k} = {toml_value(v)}" for k, v in body.items() if k not in tables]
+            out.append("")
+            for k, entries in tables.items():
+                for entry in entries:
+                    out.append(f"[[{name}.{k}]]")
+                    out += [f"{kk} = {toml_value(vv)}" for kk, vv in entry.items()]
+                    out.append("")
+    return "\n".join(out)
+
+
+class GatewayNode:
+    """A node in ``root`` with its own ports; ``start()``/``stop()``/``kill()`` by pid."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        ae_title: str = "GATEWAY",
+        destinations: Sequence[dict[str, Any]] = (),
+        routes: Sequence[dict[str, Any]] = (),
+        database_url: str = "",
+        allow: Sequence[dict[str, Any]] | None = None,
+        dicom: dict[str, Any] | None = None,
+        ingest: dict[str, Any] | None = None,
+        worker: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.ae_title = ae_title
+        self.config_path = root / "gateway.toml"
+        self.log_path = root / "node.log"
+        self.env = env or {}
+        sections: dict[str, Any] = {
+            "node": {"name": "test-node", "state_dir": str(root / "state")},
+            "dicom": {
+                "ae_title": ae_title, "host": "127.0.0.1", "port": self.port,
+                "allow": list(allow) if allow is not None else [
+                    {"called_ae": ae_title, "calling_ae": ["*"], "addresses": ["127.0.0.1"]}
+                ],
+                **(dicom or {}),
+            },
+            "ingest": {"spool_min_free_bytes": 0, **(ingest or {})},
+            "database": {"url": database_url},
+            "metrics": {"enabled": True, "host": "127.0.0.1", "port": self.metrics_port},
+            "worker": {"poll_interval": 0.2, "routing_interval": 0.2, "backoff_initial": 0.5,
+                       "backoff_max": 2, **(worker or {})},
+        }
+        if destinations:
+            sections["destinations"] = list(destinations)
+        if routes:
+            sections["routes"] = list(routes)
+        self.config_path.write_text(render_toml(sections))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [GATEWAY, "serve", "-c", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+        )
+        log.close()
+        try:
+            wait_for_port(self.port, timeout=timeout)
+        except Exception as exc:
+            self.kill()
+            raise RuntimeError(f"node did not start:\n{self.log()}") from exc
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def log(self, lines: int = 80) -> str:
+        return log_tail(self.log_path, lines)
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``dicom-gateway <args> -c <config>``."""
+        proc = subprocess.run(
+            [GATEWAY, *args, "-c", str(self.config_path)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} failed: {proc.stderr}")
+        return proc
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json", check=True).stdout)
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        return list(self.cli_json("queue", "list"))
+
+    def wait_for_deliveries(self, state: str, n: int = 1, timeout: float = 60.0
+                            ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = [d for d in self.deliveries() if d["state"] == state]
+            if len(rows) >= n:
+                return rows
+            time.sleep(0.3)
+        raise AssertionError(f"expected {n} delivery(ies) {state}, have {self.deliveries()}\n"
+                             f"{self.log()}")
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=5) as r:
+            return r.read().decode()
