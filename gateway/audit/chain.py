@@ -138,6 +138,11 @@ def verify(session: Session) -> int:
         expected_seq += 1
         count += 1
     head = session.execute(select(AuditHead).where(AuditHead.id == 1)).scalar_one()
-    if head.seq != count or head.hash != prev:
-        raise AuditChainError(count + 1, f"chain ends at {count} but the head records {head.seq}")
+    if head.seq != count:
+        # rows missing at the end: the first missing one; rows past the head: the first extra
+        raise AuditChainError(
+            min(count, head.seq) + 1, f"chain ends at {count} but the head records {head.seq}"
+        )
+    if head.hash != prev:
+        raise AuditChainError(max(count, 1), "the last row's hash does not match the head")
     return count

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import tomllib
 import types
 import typing
@@ -64,6 +65,8 @@ def load_config(path: str | Path) -> model.GatewayConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, "", f"valid TOML ({exc})") from exc
+    if "source" in raw:
+        raise ConfigError(name, "source", "no such key (set by the loader, not the file)")
     builder = _Builder(name, source.resolve().parent)
     cfg: model.GatewayConfig = builder.build(
         model.GatewayConfig, {**raw, "source": str(source.resolve())}, ""
@@ -98,6 +101,10 @@ class _Builder:
                 )
                 if no_default:
                     raise self.fail(fkey, "a value (this key is required)")
+                if dataclasses.is_dataclass(hints[fname]):  # defaults, paths made relative
+                    values[fname] = self.build(hints[fname], {}, fkey)
+                elif hints[fname] is Path and isinstance(fdef.default, Path):
+                    values[fname] = self.value(Path, str(fdef.default), fkey)
                 continue
             values[fname] = self.value(hints[fname], raw[fname], fkey)
         return cls(**values)
@@ -136,6 +143,8 @@ class _Builder:
         if hint is float:
             if not isinstance(raw, int | float) or isinstance(raw, bool):
                 raise self.fail(key, "a number")
+            if not math.isfinite(raw):
+                raise self.fail(key, "a finite number")
             self.check_number(leaf, raw, key)
             return float(raw)
         if hint is str:

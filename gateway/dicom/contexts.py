@@ -35,13 +35,19 @@ def storage_sop_classes() -> tuple[str, ...]:
 
 @cache
 def accepted_transfer_syntaxes() -> tuple[str, ...]:
-    first = [*UNCOMPRESSED, pydicom_uid.ExplicitVRBigEndian]
-    rest = [
+    """Compressed syntaxes first, uncompressed last.
+
+    pynetdicom accepts the first syntax of *this* list that the requestor proposed; with
+    compressed ones first, a modality proposing its file's own syntax next to an
+    uncompressed one is accepted as sent and never asked to transcode.
+    """
+    uncompressed = [*UNCOMPRESSED, pydicom_uid.ExplicitVRBigEndian]
+    compressed = [
         str(ts)
         for ts in pydicom_uid.AllTransferSyntaxes
-        if "Deflate" not in ts.name and "JPIP" not in ts.name and ts not in first
+        if "Deflate" not in ts.name and "JPIP" not in ts.name and ts not in uncompressed
     ]
-    return tuple(str(t) for t in first) + tuple(rest)
+    return tuple(compressed) + tuple(str(t) for t in uncompressed)
 
 
 def scp_contexts() -> list[PresentationContext]:

@@ -106,9 +106,8 @@ class GuardedSocket(AssociationSocket):
                     n = sock.recv_into(view[got:], min(nr_bytes - got, 1 << 20))
                 except TimeoutError:
                     self._violation("pdu-read-deadline")
-                if n == 0:
-                    del buf[got:]
-                    return buf
+                if n == 0:  # peer closed: a short read (buf cannot shrink while viewed)
+                    return buf[:got]
                 got += n
         finally:
             with contextlib.suppress(OSError):

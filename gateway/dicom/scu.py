@@ -152,7 +152,9 @@ class StoreSCU:
         try:
             ds = dcmread(f.path)
             if f.transfer_syntax_uid not in _UNCOMPRESSED:
-                ds.decompress()
+                # A change of encoding, not a new instance: the SOP Instance UID stays
+                # (pydicom would otherwise make a new one, and a retry a second copy).
+                ds.decompress(generate_instance_uid=False)
         except Exception as exc:  # any decoder failure: the instance cannot be converted
             raise NoAcceptableSyntax(
                 f"cannot decompress {f.transfer_syntax_uid} for a destination accepting "

@@ -8,10 +8,11 @@ refused with 0xC000 (Cannot Understand) before anything is stored.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -49,9 +50,16 @@ def read_header(path: Path, *, max_depth: int) -> Dataset:
     return ds
 
 
+def _raw_elements(ds: Dataset) -> Iterator[DataElement | RawDataElement]:
+    """The elements of ``ds`` without reading deferred values (``Dataset.elements()`` would
+    read them: a 100 MB Pixel Data into memory)."""
+    for tag in sorted(ds.keys()):
+        yield ds.get_item(tag, keep_deferred=True)
+
+
 def _check_extent(ds: Dataset, size: int) -> None:
     """Deferred values must lie inside the file: a declared length past the end is a lie."""
-    for elem in ds.elements():
+    for elem in _raw_elements(ds):
         if isinstance(elem, RawDataElement) and elem.value is None:
             if elem.length != 0xFFFFFFFF and elem.value_tell + elem.length > size:
                 raise IngestError(st.CANNOT_UNDERSTAND, "dataset-truncated")
@@ -61,7 +69,7 @@ def _check_depth(ds: Dataset, max_depth: int) -> None:
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         current, depth = stack.pop()
-        for elem in current.elements():
+        for elem in _raw_elements(current):
             vr = elem.VR
             if vr != "SQ" and not (
                 isinstance(elem, RawDataElement)

@@ -10,12 +10,26 @@ from tests.support.peers import Orthanc, dcmtk
 
 
 def orthanc_destination(orthanc: Orthanc) -> dict[str, object]:
-    return {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+    return {
+        "name": "pacs",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+    }
 
 
 def storescu(node: GatewayNode, files: list[Path], *extra: str) -> None:
-    proc = dcmtk("storescu", "-aet", "MODALITY", "-aec", node.ae_title, *extra, "127.0.0.1",
-                 str(node.port), *[str(f) for f in files])
+    proc = dcmtk(
+        "storescu",
+        "-aet",
+        "MODALITY",
+        "-aec",
+        node.ae_title,
+        *extra,
+        "127.0.0.1",
+        str(node.port),
+        *[str(f) for f in files],
+    )
     assert proc.returncode == 0, proc.stderr
 
 

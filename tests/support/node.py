@@ -41,8 +41,11 @@ def render_toml(sections: dict[str, Any]) -> str:
                 out += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
                 out.append("")
         else:
-            tables = {k: v for k, v in body.items() if isinstance(v, list) and v
-                      and isinstance(v[0], dict) and k == "allow"}
+            tables = {
+                k: v
+                for k, v in body.items()
+                if isinstance(v, list) and v and isinstance(v[0], dict) and k == "allow"
+            }
             out.append(f"[{name}]")
             out += [f"{k} = {toml_value(v)}" for k, v in body.items() if k not in tables]
             out.append("")
@@ -70,8 +73,12 @@ class GatewayNode:
         ingest: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """``wrapper`` is a command prefix for ``serve`` (e.g. ``unshare -m bash -c ...``);
+        it must end by exec'ing its arguments, so ``pid`` stays the node's."""
         self.root = root
+        self.wrapper = list(wrapper)
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -82,17 +89,24 @@ class GatewayNode:
         sections: dict[str, Any] = {
             "node": {"name": "test-node", "state_dir": str(root / "state")},
             "dicom": {
-                "ae_title": ae_title, "host": "127.0.0.1", "port": self.port,
-                "allow": list(allow) if allow is not None else [
-                    {"called_ae": ae_title, "calling_ae": ["*"], "addresses": ["127.0.0.1"]}
-                ],
+                "ae_title": ae_title,
+                "host": "127.0.0.1",
+                "port": self.port,
+                "allow": list(allow)
+                if allow is not None
+                else [{"called_ae": ae_title, "calling_ae": ["*"], "addresses": ["127.0.0.1"]}],
                 **(dicom or {}),
             },
             "ingest": {"spool_min_free_bytes": 0, **(ingest or {})},
             "database": {"url": database_url},
             "metrics": {"enabled": True, "host": "127.0.0.1", "port": self.metrics_port},
-            "worker": {"poll_interval": 0.2, "routing_interval": 0.2, "backoff_initial": 0.5,
-                       "backoff_max": 2, **(worker or {})},
+            "worker": {
+                "poll_interval": 0.2,
+                "routing_interval": 0.2,
+                "backoff_initial": 0.5,
+                "backoff_max": 2,
+                **(worker or {}),
+            },
         }
         if destinations:
             sections["destinations"] = list(destinations)
@@ -108,8 +122,10 @@ class GatewayNode:
     def start(self, timeout: float = 30.0) -> Self:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [GATEWAY, "serve", "-c", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            [*self.wrapper, GATEWAY, "serve", "-c", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
         )
         log.close()
         try:
@@ -157,7 +173,9 @@ class GatewayNode:
         """Run ``dicom-gateway <args> -c <config>``."""
         proc = subprocess.run(
             [GATEWAY, *args, "-c", str(self.config_path)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"{args} failed: {proc.stderr}")
@@ -169,8 +187,9 @@ class GatewayNode:
     def deliveries(self) -> list[dict[str, Any]]:
         return list(self.cli_json("queue", "list"))
 
-    def wait_for_deliveries(self, state: str, n: int = 1, timeout: float = 60.0
-                            ) -> list[dict[str, Any]]:
+    def wait_for_deliveries(
+        self, state: str, n: int = 1, timeout: float = 60.0
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         rows: list[dict[str, Any]] = []
         while time.monotonic() < deadline:
@@ -178,12 +197,14 @@ class GatewayNode:
             if len(rows) >= n:
                 return rows
             time.sleep(0.3)
-        raise AssertionError(f"expected {n} delivery(ies) {state}, have {self.deliveries()}\n"
-                             f"{self.log()}")
+        raise AssertionError(
+            f"expected {n} delivery(ies) {state}, have {self.deliveries()}\n{self.log()}"
+        )
 
     def metrics(self) -> str:
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=5) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
             return r.read().decode()
