@@ -20,16 +20,16 @@ import socket
 import tempfile
 import threading
 import time
-from copy import deepcopy
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom import AE, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
-from pynetdicom.association import Association
 from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway.config import DicomConfig, is_valid_ae_title
@@ -262,7 +262,8 @@ class DicomServer:
                 assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
                 assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
                 assoc.requestor.address_info = self.remote
-                for event, bound in self.server._handlers.items():
+                bound_handlers: dict[Any, Any] = self.server._handlers
+                for event, bound in bound_handlers.items():
                     if event.is_intervention and bound:
                         assoc.bind(event, *bound)
                     elif isinstance(event, evt.NotificationEvent):
