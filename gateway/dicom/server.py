@@ -14,6 +14,7 @@ This module is the boundary between pynetdicom and the rest of the node. It
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
@@ -366,6 +367,7 @@ class DicomServer:
             dataset_path=Path(event.dataset_path),
         )
         try:
+            _check_receive_buffer(req)
             return self.listener.store(info, request)
         except IngestError as exc:
             code, reason = exc.status, exc.reason
@@ -398,4 +400,46 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     _config.LOG_HANDLER_LEVEL = "none"
     incoming_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(incoming_dir)
+    dimse_messages.NamedTemporaryFile = _ReceiveBuffer  # type: ignore[attr-defined,assignment]
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class _ReceiveBuffer:
+    """pynetdicom's C-STORE receive file, which survives a failed write (ENOSPC).
+
+    pynetdicom writes the data set from its reactor thread; an ``OSError`` there kills the
+    association without a C-STORE response. Instead the error is kept, the rest of the data
+    set is dropped, and :meth:`DicomServer._store` answers 0xA700 for the incomplete file.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._f = tempfile.NamedTemporaryFile(**kwargs)  # closed by pynetdicom
+        self.name: str = self._f.name
+        self.file = self  # pynetdicom calls ``.file.flush()``
+        self.error: OSError | None = None
+
+    def _guard(self, op: Callable[[], object]) -> None:
+        if self.error is None:
+            try:
+                op()
+            except OSError as exc:
+                self.error = exc
+
+    def write(self, data: bytes) -> int:
+        self._guard(lambda: self._f.write(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self._guard(self._f.flush)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+
+
+def _check_receive_buffer(req: Any) -> None:
+    buffer = getattr(req, "_dataset_file", None)
+    if isinstance(buffer, _ReceiveBuffer) and buffer.error is not None:
+        if buffer.error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SpoolFullError("spool filesystem is full (receive buffer)")
+        raise SpoolError(f"receive buffer write failed: {buffer.error.strerror}")
