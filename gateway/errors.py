@@ -5,6 +5,9 @@ original, so callers only ever see these classes::
 
     GatewayError
     ├── ConfigError            a configuration file is missing, malformed or invalid
+    ├── ProfileError           a de-identification profile does not parse or names an unknown option
+    ├── DeidError              de-identifying an instance failed closed: nothing may leave
+    │   └── LeakError          the leak gate found an original identifying value in the output
     ├── SpoolError             the spool cannot take or give bytes
     │   └── SpoolFullError     free space is below the high-water mark, or ENOSPC
     ├── IndexError_            the index database failed (connection, lock, constraint)
@@ -38,6 +41,30 @@ class ConfigError(GatewayError):
         self.expected = expected
         where = f"{path}: {key}" if key else path
         super().__init__(f"{where}: {expected}")
+
+
+class ProfileError(GatewayError):
+    """A de-identification profile is refused at load; names the file, the line and the reason."""
+
+    def __init__(self, path: str, line: int | None, reason: str) -> None:
+        self.path = path
+        self.line = line
+        self.reason = reason
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {reason}")
+
+
+class DeidError(GatewayError):
+    """De-identification failed closed; the reason names tags and rules, never values."""
+
+
+class LeakError(DeidError):
+    """The leak gate found original identifying values in the output; ``paths`` are tag paths."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        shown = ", ".join(paths[:10]) + (f" (+{len(paths) - 10} more)" if len(paths) > 10 else "")
+        super().__init__(f"leak gate: original identifying value found at {shown}")
 
 
 class SpoolError(GatewayError):
