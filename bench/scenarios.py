@@ -1,0 +1,410 @@
+"""Scenarios: a registry of what the harness measures, and what it does not measure yet.
+
+A scenario is a function from :class:`Settings` to a JSON-able result with ``rows`` (one per
+system and configuration, each with its ``runs`` and a median/min/max ``summary``) and
+``ratios`` (node / peer, from medians of the same run).  Later scenarios register here with
+``run=None`` and the reason they are not measured; the report lists them as such.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import data
+from bench.procstat import TreeMonitor, wait_idle
+from bench.systems import (
+    INGEST_SYSTEMS,
+    NodeOptions,
+    NodeReceiver,
+    OrthancReceiver,
+    Receiver,
+    start_storescu,
+    stop_process,
+    wait_storescu,
+)
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Settings:
+    scale: float
+    repeat: int
+    work: Path
+    systems: frozenset[str] | None = None
+    datasets: tuple[str, ...] = ("ct", "small", "multiframe")
+    concurrency: tuple[int, ...] = (1, 4)
+    quiet_seconds: float = 1.0
+    worker_interval: float = 0.1
+    timeout: float = 900.0
+    log: Callable[[str], None] = print
+    _data: dict[str, data.DataSet] = field(default_factory=dict)
+
+    def wanted(self, system: str) -> bool:
+        return self.systems is None or system in self.systems
+
+    def dataset(self, name: str) -> data.DataSet:
+        if name not in self._data:
+            self.log(f"data: generating/loading {name} at scale {self.scale}")
+            self._data[name] = data.ensure(name, self.scale, self.work / "data")
+        return self._data[name]
+
+    def fresh_dir(self, label: str) -> Path:
+        path = self.work / "run" / label
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+
+class RunFailed(RuntimeError):
+    """A measurement did not complete correctly (wrong count, sender error, timeout)."""
+
+
+def summarize(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """median / min / max of every numeric field of the runs."""
+    out: dict[str, dict[str, float]] = {}
+    for key in runs[0]:
+        values = [float(r[key]) for r in runs]
+        out[key] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+        }
+    return out
+
+
+def alternating(systems: Sequence[str], rep: int) -> list[str]:
+    """Repetition order: forwards on even repetitions, backwards on odd ones."""
+    return list(systems) if rep % 2 == 0 else list(reversed(systems))
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b > 0 else None
+
+
+# --------------------------------------------------------------------------- 1. ingest
+
+
+def _ingest_once(
+    settings: Settings, system: str, ds: data.DataSet, concurrency: int, label: str
+) -> dict[str, float]:
+    root = settings.fresh_dir(label)
+    receiver: Receiver = INGEST_SYSTEMS[system](root, concurrency)
+    receiver.start()
+    try:
+        wait_idle(receiver.pid)
+        monitor = TreeMonitor(receiver.pid).start()
+        t0 = time.perf_counter()
+        procs = start_storescu(
+            receiver.ae_title, receiver.port, ds.files, concurrency, root / "storescu.log"
+        )
+        codes = wait_storescu(procs, settings.timeout)
+        seconds = time.perf_counter() - t0
+        usage = monitor.stop()
+        if any(codes):
+            raise RunFailed(f"storescu exited {codes}: see {root / 'storescu.log'}")
+        stored = receiver.stored()
+        if stored is not None and stored < ds.instances:
+            raise RunFailed(f"{system} holds {stored} of {ds.instances} instances")
+    finally:
+        receiver.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "seconds": seconds,
+        "instances_per_s": ds.instances / seconds,
+        "mb_per_s": ds.total_bytes / MIB / seconds,
+        "peak_rss_mib": usage.peak_rss_mib,
+        "cpu_seconds": usage.cpu_seconds,
+        "cpu_ms_per_instance": 1000 * usage.cpu_seconds / ds.instances,
+    }
+
+
+INGEST_ORDER = ("node", "dcmtk-storescp", "dcmtk-storescp-ignore", "orthanc", "pynetdicom-scp")
+
+
+def run_ingest(settings: Settings) -> dict[str, Any]:
+    systems = [s for s in INGEST_ORDER if settings.wanted(s)]
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for name in settings.datasets:
+        ds = settings.dataset(name)
+        for conc in settings.concurrency:
+            if conc > ds.instances:
+                skipped.append(f"{name} with {conc} associations: only {ds.instances} instance(s)")
+                continue
+            runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+            for rep in range(settings.repeat):
+                for system in alternating(systems, rep):
+                    label = f"ingest-{name}-{conc}-{system}-{rep}"
+                    result = _ingest_once(settings, system, ds, conc, label)
+                    settings.log(
+                        f"ingest {name:10s} x{conc} {system:22s} rep {rep + 1}: "
+                        f"{result['instances_per_s']:8.1f} inst/s {result['mb_per_s']:7.1f} MB/s "
+                        f"{result['peak_rss_mib']:6.1f} MiB "
+                        f"{result['cpu_ms_per_instance']:6.2f} ms CPU/inst"
+                    )
+                    runs[system].append(result)
+            for system in systems:
+                rows.append(
+                    {
+                        "dataset": name,
+                        "concurrency": conc,
+                        "system": system,
+                        "runs": runs[system],
+                        "summary": summarize(runs[system]),
+                    }
+                )
+    ratios = []
+    for row in rows:
+        if row["system"] == "node":
+            continue
+        node = next(
+            (
+                r
+                for r in rows
+                if r["system"] == "node"
+                and r["dataset"] == row["dataset"]
+                and r["concurrency"] == row["concurrency"]
+            ),
+            None,
+        )
+        if node is None:
+            continue
+        ratios.append(
+            {
+                "dataset": row["dataset"],
+                "concurrency": row["concurrency"],
+                "peer": row["system"],
+                "instances_per_s": _ratio(
+                    node["summary"]["instances_per_s"]["median"],
+                    row["summary"]["instances_per_s"]["median"],
+                ),
+                "peak_rss": _ratio(
+                    node["summary"]["peak_rss_mib"]["median"],
+                    row["summary"]["peak_rss_mib"]["median"],
+                ),
+                "cpu_per_instance": _ratio(
+                    node["summary"]["cpu_ms_per_instance"]["median"],
+                    row["summary"]["cpu_ms_per_instance"]["median"],
+                ),
+            }
+        )
+    return {
+        "sender": "DCMTK storescu (TCP_NODELAY=1), one process per association",
+        "datasets": [settings.dataset(n).describe() for n in settings.datasets],
+        "systems": systems,
+        "rows": rows,
+        "ratios": ratios,
+        "ratio_meaning": "node median / peer median (>1: node faster, uses more RSS/CPU)",
+        "skipped": skipped,
+    }
+
+
+# --------------------------------------------------------------------------- 2. end to end
+
+ROUTER_LUA = """
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  SendToModality(instanceId, 'dest')
+end
+"""
+
+E2E_ORDER = ("node-stream", "node-study", "orthanc-router", "direct")
+
+
+def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> dict[str, float]:
+    root = settings.fresh_dir(label)
+    dest = OrthancReceiver(root / "dest", aet="DEST", name="orthanc-dest")
+    middle: Receiver | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    dest.start()
+    try:
+        destination = ("DEST", "127.0.0.1", dest.port)
+        if system == "orthanc-router":
+            middle = OrthancReceiver(
+                root / "router",
+                aet="ROUTER",
+                modalities={"dest": destination},
+                lua=ROUTER_LUA,
+                name="orthanc-router",
+            )
+        elif system in ("node-stream", "node-study"):
+            route: dict[str, Any] = {"name": "bench", "destinations": ["dest"]}
+            if system == "node-stream":
+                route["mode"] = "stream"
+            else:
+                route.update(mode="study", quiet_seconds=settings.quiet_seconds)
+            options = NodeOptions(
+                destinations=[
+                    {"name": "dest", "ae_title": "DEST", "host": "127.0.0.1", "port": dest.port}
+                ],
+                routes=[route],
+                worker={
+                    "poll_interval": settings.worker_interval,
+                    "routing_interval": settings.worker_interval,
+                },
+            )
+            middle = NodeReceiver(root / "node", options, name=system)
+        if middle is not None:
+            middle.start()
+        target: Receiver = middle if middle is not None else dest
+        wait_idle(dest.pid)
+        monitor = TreeMonitor(middle.pid).start() if middle is not None else None
+        t0 = time.perf_counter()
+        procs = start_storescu(target.ae_title, target.port, ds.files, 1, root / "storescu.log")
+        sent: float | None = None
+        held = 0
+        deadline = t0 + settings.timeout
+        while True:
+            now = time.perf_counter()
+            if sent is None and all(p.poll() is not None for p in procs):
+                sent = now - t0
+                if any(p.returncode for p in procs):
+                    raise RunFailed(f"storescu failed: see {root / 'storescu.log'}")
+            held = dest.server.count_instances()
+            if held >= ds.instances:
+                done = time.perf_counter() - t0
+                break
+            if now > deadline:
+                raise RunFailed(f"{system}: destination holds {held} of {ds.instances}")
+            time.sleep(0.05)
+        if sent is None:
+            wait_storescu(procs, settings.timeout)
+            sent = time.perf_counter() - t0
+        usage = monitor.stop() if monitor is not None else None
+    finally:
+        for p in procs:
+            stop_process(p, timeout=5)
+        if middle is not None:
+            middle.stop()
+        dest.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "seconds": done,
+        "sender_seconds": sent,
+        "instances_per_s": ds.instances / done,
+    }
+    if system == "node-study":
+        result["seconds_excluding_quiet"] = done - settings.quiet_seconds
+    if usage is not None:
+        result["router_peak_rss_mib"] = usage.peak_rss_mib
+        result["router_cpu_ms_per_instance"] = 1000 * usage.cpu_seconds / ds.instances
+    return result
+
+
+def run_e2e(settings: Settings) -> dict[str, Any]:
+    systems = [s for s in E2E_ORDER if settings.wanted(s)]
+    ds = settings.dataset("ct")
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+    for rep in range(settings.repeat):
+        for system in alternating(systems, rep):
+            result = _e2e_once(settings, system, ds, f"e2e-{system}-{rep}")
+            extra = (
+                f" ({result['seconds_excluding_quiet']:.2f} s excluding quiet)"
+                if "seconds_excluding_quiet" in result
+                else ""
+            )
+            settings.log(
+                f"e2e    ct x1 {system:15s} rep {rep + 1}: {result['seconds']:.2f} s to last "
+                f"instance held{extra}, sender done at {result['sender_seconds']:.2f} s"
+            )
+            runs[system].append(result)
+    rows = [{"system": s, "runs": runs[s], "summary": summarize(runs[s])} for s in systems]
+
+    def median(system: str) -> float | None:
+        for row in rows:
+            if row["system"] == system:
+                key = "seconds_excluding_quiet" if system == "node-study" else "seconds"
+                value: float = row["summary"][key]["median"]
+                return value
+        return None
+
+    ratios = []
+    for node in ("node-stream", "node-study"):
+        for peer in ("orthanc-router", "direct"):
+            a, b = median(node), median(peer)
+            if a is not None and b is not None:
+                ratios.append({"node": node, "peer": peer, "time": _ratio(a, b)})
+    return {
+        "dataset": ds.describe(),
+        "path": "storescu -> [node | Orthanc auto-router | nothing] -> Orthanc (AET DEST)",
+        "measure": (
+            "seconds from starting storescu (first byte) to the destination Orthanc holding "
+            "every instance (REST /statistics polled every 50 ms)"
+        ),
+        "quiet_seconds": settings.quiet_seconds,
+        "node_worker_intervals": settings.worker_interval,
+        "router_lua": ROUTER_LUA.strip(),
+        "rows": rows,
+        "ratios": ratios,
+        "ratio_meaning": "node median time / peer median time (<1: node faster); "
+        "node-study uses its time minus quiet_seconds",
+    }
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    run: Callable[[Settings], dict[str, Any]] | None
+    not_measured: str = ""
+
+
+REGISTRY: tuple[Scenario, ...] = (
+    Scenario("ingest", "1. Ingest: storescu -> receiver", run_ingest),
+    Scenario("e2e", "2. End to end: storescu -> router -> Orthanc (no profile)", run_e2e),
+    Scenario(
+        "e2e-basic-profile",
+        "2b. End to end with the `basic` de-identification profile",
+        None,
+        "the node has no de-identification profiles in its route configuration yet",
+    ),
+    Scenario(
+        "e2e-peer-channel",
+        "2c. End to end through a second node over the peer channel",
+        None,
+        "the node has no peer channel yet",
+    ),
+    Scenario(
+        "deid",
+        "3. De-identification: `basic` vs dicognito and pydicom/deid",
+        None,
+        "the node has no de-identification yet",
+    ),
+    Scenario(
+        "pixels",
+        "4. Pixels: frames/s cleaning, cleaning + OCR check",
+        None,
+        "the node has no pixel cleaning yet",
+    ),
+    Scenario(
+        "sealed-transfer",
+        "5. Sealed transfer: node to node vs plain C-STORE and raw AES-256-GCM",
+        None,
+        "the node has no sealed transfer yet",
+    ),
+    Scenario(
+        "scale",
+        "6. Scale: ingest at 1x, 4x and 16x the CT set",
+        None,
+        "not implemented in the harness yet (run `bench/run --scenarios ingest --datasets ct "
+        "--scale 4` meanwhile)",
+    ),
+)
+
+
+def by_key(key: str) -> Scenario:
+    for scenario in REGISTRY:
+        if scenario.key == key:
+            return scenario
+    raise KeyError(key)
