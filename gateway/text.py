@@ -15,8 +15,10 @@ def safe_text(value: object, *, limit: int = 64) -> str:
         code = ord(ch)
         if 0x20 <= code < 0x7F and ch != "\\":
             out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
         else:
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     if len(text) > limit:
         out.append("...")
     return "".join(out)

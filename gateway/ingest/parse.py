@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.sequence import Sequence
 
 from gateway.dicom import status as st
 from gateway.errors import IngestError
@@ -35,6 +37,7 @@ def read_header(path: Path, *, max_depth: int) -> Dataset:
         raise
     except (
         InvalidDicomError,
+        BytesLengthException,  # a value of the wrong length (not a ValueError)
         EOFError,
         ValueError,
         KeyError,
@@ -70,7 +73,7 @@ def _check_depth(ds: Dataset, max_depth: int) -> None:
     while stack:
         current, depth = stack.pop()
         for elem in _raw_elements(current):
-            vr = elem.VR
+            vr = _vr_of(current, elem)
             if vr != "SQ" and not (
                 isinstance(elem, RawDataElement)
                 and vr in (None, "UN")
@@ -78,10 +81,23 @@ def _check_depth(ds: Dataset, max_depth: int) -> None:
             ):
                 continue
             value = current[elem.tag].value
-            if not isinstance(value, list):
+            if not isinstance(value, Sequence):  # pydicom 3's Sequence is not a list
                 continue
             if depth + 1 > max_depth:
                 raise IngestError(st.CANNOT_UNDERSTAND, "sequence-nesting-too-deep")
             for item in value:
                 if isinstance(item, Dataset):
                     stack.append((item, depth + 1))
+
+
+def _vr_of(ds: Dataset, elem: DataElement | RawDataElement) -> str | None:
+    """The VR pydicom will give the value when it is read: an Implicit VR element has none
+    yet, and a defined-length sequence in it must not escape the depth check."""
+    if elem.VR is not None or not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+        return elem.VR
+    if elem.tag.is_private:
+        return ds[elem.tag].VR
+    try:
+        return dictionary_VR(elem.tag)
+    except KeyError:
+        return None

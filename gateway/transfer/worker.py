@@ -53,7 +53,10 @@ class _Progress:
 
 def backoff(attempt: int, *, initial: float, multiplier: float, cap: float) -> float:
     """Seconds to wait before attempt ``attempt + 1`` (exponential with a cap)."""
-    return float(min(cap, initial * multiplier ** max(0, attempt - 1)))
+    try:
+        return float(min(cap, initial * multiplier ** max(0, attempt - 1)))
+    except OverflowError:  # a huge attempt number: the cap
+        return float(cap)
 
 
 class Worker:

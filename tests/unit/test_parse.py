@@ -1,0 +1,305 @@
+"""gateway.ingest.parse.read_header: whole files parse, broken or hostile ones answer 0xC000."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
+
+from gateway.dicom.status import CANNOT_UNDERSTAND
+from gateway.errors import IngestError
+from gateway.ingest.parse import read_header
+
+CONTENT_SEQUENCE = 0x0040A730
+ENCAPSULATED_DOCUMENT = 0x00420011
+CODE_VALUE = 0x00080100
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
+UNDEFINED = 0xFFFFFFFF
+
+
+def _base(
+    syntax: str = ExplicitVRLittleEndian, *, rows: int = 0, with_pixels: bool = False
+) -> Dataset:
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(CTImageStorage)
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = UID(syntax)
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = "CT"
+    ds.PatientID = "P1"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    if with_pixels:
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = rows
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        arr = np.arange(rows * rows, dtype="<u2") % 4096
+        ds.PixelData = arr.tobytes()
+    return ds
+
+
+def _save(ds: Dataset, path: Path, tail: bytes = b"") -> Path:
+    """Write ``ds`` as a DICOM file, then raw element bytes (tags above the data set's)."""
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path.write_bytes(buf.getvalue() + tail)
+    return path
+
+
+def _element(tag: int, vr: bytes, value: bytes, *, explicit: bool, length: int = -1) -> bytes:
+    n = len(value) if length < 0 else length
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if not explicit:
+        return head + struct.pack("<I", n) + value
+    if vr in _LONG_VRS:
+        return head + vr + b"\0\0" + struct.pack("<I", n) + value
+    return head + vr + struct.pack("<H", n) + value
+
+
+def _item(content: bytes, *, defined: bool) -> bytes:
+    if defined:
+        return struct.pack("<HHI", 0xFFFE, 0xE000, len(content)) + content
+    return (
+        struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
+        + content
+        + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    )
+
+
+def _sequence(tag: int, items: list[bytes], *, explicit: bool, defined: bool) -> bytes:
+    body = b"".join(items)
+    if defined:
+        return _element(tag, b"SQ", body, explicit=explicit)
+    return _element(tag, b"SQ", body, explicit=explicit, length=UNDEFINED) + struct.pack(
+        "<HHI", 0xFFFE, 0xE0DD, 0
+    )
+
+
+def _nested(depth: int, *, explicit: bool, defined: bool) -> bytes:
+    """``depth`` Content Sequences, each the only element of its parent's one item."""
+    content = _element(CODE_VALUE, b"SH", b"LEAF", explicit=explicit)
+    for _ in range(depth):
+        content = _sequence(
+            CONTENT_SEQUENCE, [_item(content, defined=defined)], explicit=explicit, defined=defined
+        )
+    return content
+
+
+def _depth_of(ds: Dataset) -> int:
+    depth = 0
+    current = ds
+    while "ContentSequence" in current:
+        current = current.ContentSequence[0]
+        depth += 1
+    assert current.CodeValue == "LEAF"
+    return depth
+
+
+def _refused(path: Path, max_depth: int = 64) -> IngestError:
+    with pytest.raises(IngestError) as info:
+        read_header(path, max_depth=max_depth)
+    assert info.value.status == CANNOT_UNDERSTAND
+    return info.value
+
+
+SYNTAXES = [
+    pytest.param(ExplicitVRLittleEndian, True, id="explicit"),
+    pytest.param(ImplicitVRLittleEndian, False, id="implicit"),
+]
+LENGTHS = [pytest.param(True, id="defined"), pytest.param(False, id="undefined")]
+
+
+# --- whole files --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+def test_good_file_parses(tmp_path: Path, syntax: str, explicit: bool) -> None:
+    src = _base(syntax, rows=128, with_pixels=True)
+    path = _save(src, tmp_path / "good.dcm")
+    ds = read_header(path, max_depth=64)
+    assert ds.SOPInstanceUID == src.SOPInstanceUID
+    assert ds.StudyInstanceUID == src.StudyInstanceUID
+    assert ds.Modality == "CT"
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    assert ds.PixelData == src.PixelData  # deferred (32 KiB), read back from the file
+
+
+def test_good_file_without_pixels_parses(tmp_path: Path) -> None:
+    path = _save(_base(), tmp_path / "nopix.dcm")
+    assert read_header(path, max_depth=64).PatientID == "P1"
+
+
+# --- truncated ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+@pytest.mark.parametrize("rows", [128, 32], ids=["deferred", "small"])
+@pytest.mark.parametrize("cut", [1, 1000])
+def test_truncated_pixel_data_is_refused(
+    tmp_path: Path, syntax: str, explicit: bool, rows: int, cut: int
+) -> None:
+    path = _save(_base(syntax, rows=rows, with_pixels=True), tmp_path / "trunc.dcm")
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+    err = _refused(path)
+    assert "truncated" in err.reason or "unparseable" in err.reason
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on cut-off values
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+def test_any_cut_is_refused_with_0xC000_or_parses(
+    tmp_path: Path, syntax: str, explicit: bool
+) -> None:
+    """Cutting a file anywhere never leaks another exception; a cut inside a value refuses.
+
+    (A cut exactly at, or inside the 8-byte header of, an element leaves a shorter but
+    well-formed data set: pydicom stops there. Ingest then refuses missing attributes.)
+    """
+    path = _save(_base(syntax, rows=32, with_pixels=True), tmp_path / "cut.dcm")
+    data = path.read_bytes()
+    pixel_start = len(data) - 32 * 32 * 2
+    refused = 0
+    for end in range(132, len(data), 13):
+        path.write_bytes(data[:end])
+        try:
+            read_header(path, max_depth=64)
+        except IngestError as exc:
+            assert exc.status == CANNOT_UNDERSTAND
+            refused += 1
+        else:
+            assert end <= pixel_start, f"cut at {end} inside Pixel Data was accepted"
+    assert refused > 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not dicom at all", b"\0" * 128 + b"DICM\x02\x00\x00\x00UL\x04\x00\x10"],
+    ids=["empty", "text", "cut-meta"],
+)
+def test_garbage_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "junk.dcm"
+    path.write_bytes(content)
+    _refused(path)
+
+
+def test_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises((IngestError, OSError)):
+        read_header(tmp_path / "absent.dcm", max_depth=64)
+
+
+# --- sequence nesting ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+@pytest.mark.parametrize("defined", LENGTHS)
+def test_300_deep_nesting_is_refused_not_a_recursion_error(
+    tmp_path: Path, syntax: str, explicit: bool, defined: bool
+) -> None:
+    tail = _nested(300, explicit=explicit, defined=defined)
+    path = _save(_base(syntax), tmp_path / "deep.dcm", tail)
+    err = _refused(path)
+    assert "deep" in err.reason
+
+
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+@pytest.mark.parametrize("defined", LENGTHS)
+def test_40_deep_nesting_passes_under_the_limit(
+    tmp_path: Path, syntax: str, explicit: bool, defined: bool
+) -> None:
+    tail = _nested(40, explicit=explicit, defined=defined)
+    path = _save(_base(syntax), tmp_path / "deep40.dcm", tail)
+    ds = read_header(path, max_depth=64)
+    assert _depth_of(ds) == 40
+    assert read_header(path, max_depth=40) is not None  # the limit is inclusive
+
+
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+@pytest.mark.parametrize("defined", LENGTHS)
+def test_nesting_one_past_the_limit_is_refused(
+    tmp_path: Path, syntax: str, explicit: bool, defined: bool
+) -> None:
+    tail = _nested(41, explicit=explicit, defined=defined)
+    path = _save(_base(syntax), tmp_path / "deep41.dcm", tail)
+    _refused(path, max_depth=40)
+
+
+def test_pydicom_written_nesting_is_checked(tmp_path: Path) -> None:
+    ds = _base()
+    current = ds
+    for _ in range(10):
+        item = Dataset()
+        current.ContentSequence = [item]
+        current = item
+    current.CodeValue = "LEAF"
+    path = _save(ds, tmp_path / "pyd.dcm")
+    assert _depth_of(read_header(path, max_depth=10)) == 10
+    _refused(path, max_depth=9)
+
+
+# --- deferred values inside sequences -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+@pytest.mark.parametrize("defined", LENGTHS)
+def test_large_value_inside_a_sequence_item_is_readable(
+    tmp_path: Path, syntax: str, explicit: bool, defined: bool
+) -> None:
+    blob = bytes(range(256)) * 80  # 20 KiB, above the 8 KiB defer size
+    inner = _element(ENCAPSULATED_DOCUMENT, b"OB", blob, explicit=explicit)
+    nested_item = _item(
+        _element(CODE_VALUE, b"SH", b"OUTER ", explicit=explicit)
+        + _sequence(
+            CONTENT_SEQUENCE, [_item(inner, defined=defined)], explicit=explicit, defined=defined
+        ),
+        defined=defined,
+    )
+    tail = _sequence(CONTENT_SEQUENCE, [nested_item], explicit=explicit, defined=defined)
+    path = _save(_base(syntax), tmp_path / "ob.dcm", tail)
+    ds = read_header(path, max_depth=64)
+    outer = ds.ContentSequence[0]
+    assert outer.CodeValue == "OUTER"
+    assert bytes(outer.ContentSequence[0].EncapsulatedDocument) == blob
+
+
+def test_large_value_inside_a_pydicom_written_sequence_is_readable(tmp_path: Path) -> None:
+    blob = b"\x01\x02\x03\x04" * 5000
+    ds = _base(rows=128, with_pixels=True)
+    item = Dataset()
+    item.EncapsulatedDocument = blob
+    ds.ContentSequence = [item]
+    path = _save(ds, tmp_path / "ob2.dcm")
+    header = read_header(path, max_depth=64)
+    assert header.ContentSequence[0].EncapsulatedDocument == blob
+    assert header.PixelData == ds.PixelData
+
+
+def test_truncated_large_value_inside_a_sequence_is_refused(tmp_path: Path) -> None:
+    blob = b"\xab" * 20000
+    inner = _element(ENCAPSULATED_DOCUMENT, b"OB", blob, explicit=True)
+    tail = _sequence(CONTENT_SEQUENCE, [_item(inner, defined=True)], explicit=True, defined=True)
+    path = _save(_base(), tmp_path / "obcut.dcm", tail)
+    data = path.read_bytes()
+    path.write_bytes(data[:-500])
+    _refused(path)
