@@ -17,7 +17,9 @@ original, so callers only ever see these classes::
     │   ├── RetryableError     the destination may accept later (A7xx, refused, timeout)
     │   ├── PermanentError     the destination will not accept (A9xx, Cxxx, 0117, no syntax)
     │   └── QuarantineError    preparing an instance failed closed: nothing may leave
-    └── AuditChainError        the audit hash chain does not verify
+    ├── AuditChainError        the audit hash chain does not verify
+    └── CryptoError            key material is missing, unsafe or unusable; a seal cannot be made
+        └── IntegrityError     authenticated data does not verify (tampered, truncated, wrong key)
 
 Messages never hold patient data: they name files, keys, ids and statuses, not values.
 """
@@ -115,3 +117,17 @@ class AuditChainError(GatewayError):
         self.sequence = sequence
         self.reason = reason
         super().__init__(f"audit row {sequence}: {reason}")
+
+
+class CryptoError(GatewayError):
+    """Key material is missing, unsafe or unusable, or a seal cannot be made or opened.
+
+    The message names the file or key id, never key bytes.
+    """
+
+
+class IntegrityError(CryptoError):
+    """Authenticated data does not verify: tampered, truncated, reordered or the wrong key.
+
+    Nothing of the unverified data has been returned to the caller.
+    """
