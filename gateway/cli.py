@@ -190,7 +190,7 @@ def _queue(db: Database, args: argparse.Namespace) -> int:
                 .join(Instance, Instance.id == DeliveryItem.instance_id)
                 .where(DeliveryItem.delivery_id == d.id)
                 .order_by(DeliveryItem.id)
-            ).tuples()
+            )
             row["items"] = [
                 {
                     "sop_instance_uid": uid,

@@ -139,9 +139,7 @@ def claim(
             select(Delivery.destination, func.count())
             .where(Delivery.state == State.IN_PROGRESS.value, Delivery.lease_expires_at >= now)
             .group_by(Delivery.destination)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     for d in candidates:
         if d.destination in skip:
@@ -173,16 +171,12 @@ def renew(session: Session, delivery_id: str, *, worker: str, until: datetime) -
 
 
 def pending_items(session: Session, delivery_id: str) -> list[tuple[DeliveryItem, Instance]]:
-    rows = (
-        session.execute(
-            select(DeliveryItem, Instance)
-            .join(Instance, Instance.id == DeliveryItem.instance_id)
-            .where(DeliveryItem.delivery_id == delivery_id, DeliveryItem.state == "pending")
-            .order_by(DeliveryItem.id)
-        )
-        .tuples()
-        .all()
-    )
+    rows = session.execute(
+        select(DeliveryItem, Instance)
+        .join(Instance, Instance.id == DeliveryItem.instance_id)
+        .where(DeliveryItem.delivery_id == delivery_id, DeliveryItem.state == "pending")
+        .order_by(DeliveryItem.id)
+    ).all()
     return list(rows)
 
 
@@ -202,9 +196,7 @@ def refresh_counts(session: Session, delivery: Delivery) -> None:
             select(DeliveryItem.state, func.count())
             .where(DeliveryItem.delivery_id == delivery.id)
             .group_by(DeliveryItem.state)
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     delivery.sent_count = counts.get("sent", 0) + counts.get("warning", 0)
     delivery.warning_count = counts.get("warning", 0)

@@ -121,9 +121,7 @@ class Router:
         now = self.clock.now()
         with self.db.session() as s:
             counts = dict(
-                s.execute(select(Delivery.state, func.count()).group_by(Delivery.state))
-                .tuples()
-                .all()
+                s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
             )
             oldest = s.execute(
                 select(func.min(Delivery.created_at)).where(
