@@ -130,7 +130,10 @@ class _Builder:
                 raise self.fail(key, "one of " + ", ".join(repr(a) for a in allowed))
             return raw
         if origin in (Union, types.UnionType):
-            raise self.fail(key, "a supported type")  # no unions in the schema but Condition
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if len(args) == 1 and args[0] is Path:  # optional path: "" (TOML has no null)
+                return None if raw == "" else self.value(Path, raw, key)
+            raise self.fail(key, "a supported type")  # no other unions in the schema
         if hint is bool:
             if not isinstance(raw, bool):
                 raise self.fail(key, "true or false")
@@ -197,6 +200,11 @@ def _check_name(builder: _Builder, value: str, key: str) -> None:
         raise builder.fail(key, "a name of letters, digits, '-', '_' or '.'")
 
 
+def _check_profile_name(builder: _Builder, value: str, key: str) -> None:
+    if value and not all(c.isalnum() or c in "-_./" for c in value):
+        raise builder.fail(key, "a profile name from deid_profiles/ or a path to a .toml file")
+
+
 def _check_calling_ae(builder: _Builder, value: str, key: str) -> None:
     _check_ae(builder, value, key)
 
@@ -209,6 +217,7 @@ _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "addresses": _check_address,
     "name": _check_name,
     "destinations": _check_name,
+    "profile": _check_profile_name,
 }
 
 

@@ -104,6 +104,15 @@ class RouteConfig:
     match: Condition = field(default_factory=MatchAll)
     mode: RouteMode = "study"
     quiet_seconds: float = 30.0
+    profile: str = ""
+
+
+@dataclass(frozen=True)
+class DeidConfig:
+    """Where de-identification profiles and the project secret come from."""
+
+    profiles_dirs: tuple[Path, ...] = ()
+    secret_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class GatewayConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    deid: DeidConfig = field(default_factory=DeidConfig)
     destinations: tuple[DestinationConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
 
@@ -125,6 +135,11 @@ class GatewayConfig:
     @property
     def spool_dir(self) -> Path:
         return self.node.state_dir / "spool"
+
+    @property
+    def deid_secret_file(self) -> Path:
+        """The project secret for keyed pseudonyms; a development one lives in the state dir."""
+        return self.deid.secret_file or self.node.state_dir / "deid-secret.key"
 
     @property
     def database_url(self) -> str:

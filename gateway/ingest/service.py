@@ -387,7 +387,7 @@ class IngestService:
                         study_instance_uid=header.study_instance_uid,
                         route_name=route.name,
                         destination=destination,
-                        profile="",
+                        profile=route.profile,
                         instance_id=instance_id,
                         now=now,
                     )

@@ -94,7 +94,7 @@ class Router:
                     study_instance_uid=study_uid,
                     route_name=route_name,
                     destination=destination,
-                    profile="",
+                    profile=route.profile,
                     instance_ids=instance_ids,
                     now=now,
                 )
