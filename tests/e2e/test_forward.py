@@ -51,3 +51,20 @@ def test_study_forwarded_to_orthanc(tmp_path: Path, orthanc: Orthanc) -> None:
         uid = orthanc.instance_tags(oid)["SOPInstanceUID"]
         assert sha256_pixel(data) == sha256_pixel(by_uid[uid])
     assert node.cli("audit", "verify").returncode == 0
+    _check_audit_filters(node, files)
+
+
+def _check_audit_filters(node: GatewayNode, files: list[Path]) -> None:
+    stores = node.cli_json("audit", "list", "--type", "c-store", "--limit", "1000")
+    assert len(stores) == len(files)
+    assert {r["outcome"] for r in stores} == {"success"}
+    assert {r["calling_ae_title"] for r in stores} == {"MODALITY"}
+    study = stores[0]["study_instance_uid"]
+    by_study = node.cli_json("audit", "list", "--study", study, "--limit", "5000")
+    assert {r["event_type"] for r in by_study} >= {"c-store", "route", "delivery-attempt"}
+    assert len(node.cli_json("audit", "list", "--ae", "MODALITY", "--limit", "5000")) >= len(files)
+    assert node.cli_json("audit", "list", "--ae", "NOBODY") == []
+    assert node.cli_json("audit", "list", "--since", "2999-01-01") == []
+    assert len(node.cli_json("audit", "list", "--until", "2999-01-01", "--limit", "10")) == 10
+    text = node.cli("audit", "list", "--type", "route").stdout
+    assert "route" in text and study in text
