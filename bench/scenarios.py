@@ -21,6 +21,7 @@ from bench import data
 from bench.procstat import TreeMonitor, wait_idle
 from bench.systems import (
     INGEST_SYSTEMS,
+    NODE_DEFAULT_WORKER,
     NodeOptions,
     NodeReceiver,
     OrthancReceiver,
@@ -247,6 +248,7 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
                 ],
                 routes=[route],
                 worker={
+                    **NODE_DEFAULT_WORKER,
                     "poll_interval": settings.worker_interval,
                     "routing_interval": settings.worker_interval,
                 },

@@ -1,0 +1,202 @@
+"""Writing the results: latest.json, latest.md (Markdown tables) and PNG charts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _cell(summary: dict[str, dict[str, float]], key: str, digits: int = 1) -> str:
+    if key not in summary:
+        return "-"
+    s = summary[key]
+    if s["min"] == s["max"]:
+        return f"{s['median']:.{digits}f}"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _ingest_md(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Sender: {result['sender']}. Cells: median (min-max) over the repetitions.",
+        "",
+        "| data set | assoc. | receiver | inst/s | MB/s | peak RSS MiB | CPU ms/inst |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        s = row["summary"]
+        lines.append(
+            f"| {row['dataset']} | {row['concurrency']} | {row['system']} | "
+            f"{_cell(s, 'instances_per_s')} | {_cell(s, 'mb_per_s')} | "
+            f"{_cell(s, 'peak_rss_mib')} | {_cell(s, 'cpu_ms_per_instance', 2)} |"
+        )
+    lines += [
+        "",
+        f"Ratios, {result['ratio_meaning']}:",
+        "",
+        "| data set | assoc. | peer | inst/s node/peer | peak RSS node/peer | CPU/inst node/peer |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for r in result["ratios"]:
+        lines.append(
+            f"| {r['dataset']} | {r['concurrency']} | {r['peer']} | "
+            f"{_ratio(r['instances_per_s'])} | {_ratio(r['peak_rss'])} | "
+            f"{_ratio(r['cpu_per_instance'])} |"
+        )
+    for item in result.get("skipped", []):
+        lines.append(f"\nNot run: {item}.")
+    return lines
+
+
+def _e2e_md(result: dict[str, Any]) -> list[str]:
+    ds = result["dataset"]
+    lines = [
+        f"{result['path']}; {ds['instances']} CT instances ({ds['total_bytes'] / 1e6:.1f} MB), "
+        f"one association. Time: {result['measure']}. The study route's quiet period is set "
+        f"to {result['quiet_seconds']} s and subtracted; the node's worker/routing intervals "
+        f"are {result['node_worker_intervals']} s.",
+        "",
+        "| path | seconds to last held | excl. quiet | sender done s | "
+        "router peak RSS MiB | router CPU ms/inst |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        s = row["summary"]
+        lines.append(
+            f"| {row['system']} | {_cell(s, 'seconds', 2)} | "
+            f"{_cell(s, 'seconds_excluding_quiet', 2)} | {_cell(s, 'sender_seconds', 2)} | "
+            f"{_cell(s, 'router_peak_rss_mib')} | {_cell(s, 'router_cpu_ms_per_instance', 2)} |"
+        )
+    lines += [
+        "",
+        f"Ratios, {result['ratio_meaning']}:",
+        "",
+        "| node | peer | time node/peer |",
+        "|---|---|---:|",
+    ]
+    for r in result["ratios"]:
+        lines.append(f"| {r['node']} | {r['peer']} | {_ratio(r['time'])} |")
+    return lines
+
+
+PEER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+"""The node is always red; peers never are."""
+
+RENDERERS = {"ingest": _ingest_md, "e2e": _e2e_md}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    meta = doc["meta"]
+    lines = [
+        "# dicom-gateway benchmarks",
+        "",
+        f"Run {meta['started']} on {meta['host']['cpus']} CPUs, node commit "
+        f"`{meta['commit']}`; scale {meta['scale']}, {meta['repeat']} repetition(s) per "
+        f"measurement, systems alternating order between repetitions. Load average "
+        f"before {meta['load_before']}, after {meta['load_after']}.",
+        "",
+        "Peers: " + "; ".join(f"{k}: {v}" for k, v in meta["peers"].items()) + ".",
+    ]
+    for key, result in doc["scenarios"].items():
+        lines += ["", f"## {result['title']}", ""]
+        if "error" in result:
+            lines.append(f"FAILED: {result['error']}")
+            continue
+        lines += RENDERERS[key](result["result"])
+    lines += ["", "## Not measured yet", ""]
+    for item in doc["not_measured"]:
+        lines.append(f"- {item['title']}: {item['reason']}.")
+    if doc.get("charts_note"):
+        lines += ["", doc["charts_note"]]
+    elif doc.get("charts"):
+        lines += ["", "Charts: " + ", ".join(f"`{c}`" for c in doc["charts"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(doc: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def charts(doc: dict[str, Any], out: Path) -> list[str]:
+    """PNG charts next to latest.json; raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    ingest = doc["scenarios"].get("ingest", {}).get("result")
+    if ingest and ingest["rows"]:
+        for metric, label, fname in (
+            ("instances_per_s", "instances/s (higher is better)", "ingest_throughput.png"),
+            ("mb_per_s", "MB/s (higher is better)", "ingest_mb_per_s.png"),
+            ("peak_rss_mib", "peak RSS, MiB (lower is better)", "ingest_peak_rss.png"),
+            ("cpu_ms_per_instance", "CPU ms per instance (lower is better)", "ingest_cpu.png"),
+        ):
+            groups = sorted(
+                {(r["dataset"], r["concurrency"]) for r in ingest["rows"]},
+                key=lambda g: (
+                    ingest["datasets"].index(
+                        next(d for d in ingest["datasets"] if d["name"] == g[0])
+                    ),
+                    g[1],
+                ),
+            )
+            systems = ingest["systems"]
+            fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups) + 1, 4.2))
+            axes_list = list(axes) if len(groups) > 1 else [axes]
+            for ax, (dataset, conc) in zip(axes_list, groups, strict=True):
+                medians, lo, hi, colors = [], [], [], []
+                for i, system in enumerate(systems):
+                    row = next(
+                        r
+                        for r in ingest["rows"]
+                        if r["dataset"] == dataset
+                        and r["concurrency"] == conc
+                        and r["system"] == system
+                    )
+                    s = row["summary"][metric]
+                    medians.append(s["median"])
+                    lo.append(s["median"] - s["min"])
+                    hi.append(s["max"] - s["median"])
+                    colors.append("tab:red" if system == "node" else PEER_COLORS[i % 5])
+                ax.bar(range(len(systems)), medians, yerr=[lo, hi], color=colors, capsize=3)
+                ax.set_xticks(range(len(systems)))
+                ax.set_xticklabels(systems, rotation=40, ha="right", fontsize=8)
+                ax.set_title(f"{dataset}, {conc} assoc.", fontsize=10)
+            axes_list[0].set_ylabel(label)
+            fig.suptitle(f"Ingest: {label}; bars = median, whiskers = min/max")
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=110)
+            plt.close(fig)
+            written.append(fname)
+    e2e = doc["scenarios"].get("e2e", {}).get("result")
+    if e2e and e2e["rows"]:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        names, medians, lo, hi = [], [], [], []
+        for row in e2e["rows"]:
+            key = "seconds_excluding_quiet" if row["system"] == "node-study" else "seconds"
+            s = row["summary"][key]
+            names.append(row["system"] + (" (excl. quiet)" if key != "seconds" else ""))
+            medians.append(s["median"])
+            lo.append(s["median"] - s["min"])
+            hi.append(s["max"] - s["median"])
+        colors = ["tab:red" if n.startswith("node") else "tab:gray" for n in names]
+        ax.barh(range(len(names)), medians, xerr=[lo, hi], color=colors, capsize=3)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names)
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds, first byte sent -> last instance held by Orthanc (lower is better)")
+        ax.set_title(f"End to end, {e2e['dataset']['instances']} CT instances")
+        fig.tight_layout()
+        fig.savefig(out / "e2e.png", dpi=110)
+        plt.close(fig)
+        written.append("e2e.png")
+    return written
