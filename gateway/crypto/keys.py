@@ -27,7 +27,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
-from cryptography.hazmat.primitives.hpke import MLKEM768X25519PrivateKey
 
 from gateway.crypto.envelope import rewrap_header
 from gateway.crypto.kek import KEK_BYTES, KeyEncryptionKey, WrapScheme, unwrap_with_kek
@@ -262,8 +261,14 @@ def load_hpke_key(state_dir: Path) -> x25519.X25519PrivateKey:
     return key
 
 
-def load_hpke_hybrid_key(state_dir: Path) -> MLKEM768X25519PrivateKey:
-    """The ML-KEM-768 + X25519 private key (its own X25519 half, not the plain HPKE key's)."""
+def load_hpke_hybrid_key(
+    state_dir: Path,
+) -> tuple[mlkem.MLKEM768PrivateKey, x25519.X25519PrivateKey]:
+    """The ML-KEM-768 + X25519 private key's halves (its own X25519, not the plain HPKE key).
+
+    Returned as halves because ``cryptography``'s combined key cannot give them back, and a
+    peer export needs both public halves.
+    """
     path = keys_dir(state_dir) / HPKE_HYBRID_KEY
     blocks = _PEM_BLOCK.findall(read_private_file(path))
     if len(blocks) != 2:
@@ -273,7 +278,7 @@ def load_hpke_hybrid_key(state_dir: Path) -> MLKEM768X25519PrivateKey:
         classic, x25519.X25519PrivateKey
     ):
         raise CryptoError(f"{path}: expected an ML-KEM-768 then an X25519 private key")
-    return MLKEM768X25519PrivateKey(pq, classic)
+    return pq, classic
 
 
 def _new_hybrid_pem() -> bytes:
