@@ -1,0 +1,112 @@
+"""Smoke run of the benchmark harness (bench/run) in its smallest mode, so it cannot rot.
+
+The figures are not checked against targets (benchmarks never decide the suite's result);
+only that the harness runs, measures something and writes its outputs in the documented
+shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.peers import in_private_netns
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = REPO / "bench" / "run"
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def _positive(summary: dict[str, dict[str, float]], key: str) -> None:
+    stats = summary[key]
+    assert set(stats) == {"median", "min", "max"}, stats
+    assert 0 < stats["min"] <= stats["median"] <= stats["max"], (key, stats)
+
+
+@pytest.mark.timeout(120)
+def test_bench_smoke(tmp_path: Path) -> None:
+    if not in_private_netns() and not _can_unshare():
+        pytest.skip("needs a private network namespace (scripts/test) or unshare -n")
+    out = tmp_path / "results"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            str(RUN),
+            "--scale",
+            "0.004",
+            "--repeat",
+            "1",
+            "--datasets",
+            "small",
+            "--concurrency",
+            "1",
+            "--systems",
+            "node,dcmtk-storescp-ignore,node-stream,direct",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=REPO,
+        env={**os.environ, "BENCH_SKIP_BOOTSTRAP": "1"},
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert elapsed < 60, f"smoke run took {elapsed:.0f} s"
+
+    doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
+    assert {"meta", "scenarios", "not_measured"} <= set(doc)
+    assert doc["meta"]["repeat"] == 1
+    assert doc["meta"]["host"]["cpus"] >= 1
+
+    ingest = doc["scenarios"]["ingest"]["result"]
+    assert ingest["systems"] == ["node", "dcmtk-storescp-ignore"]
+    assert [d["name"] for d in ingest["datasets"]] == ["small"]
+    assert ingest["datasets"][0]["instances"] == 8
+    assert len(ingest["rows"]) == 2
+    for row in ingest["rows"]:
+        assert row["dataset"] == "small" and row["concurrency"] == 1
+        assert len(row["runs"]) == 1
+        for key in ("seconds", "instances_per_s", "mb_per_s", "peak_rss_mib"):
+            _positive(row["summary"], key)
+        assert row["summary"]["cpu_seconds"]["median"] >= 0
+    (ratio,) = ingest["ratios"]
+    assert ratio["peer"] == "dcmtk-storescp-ignore"
+    assert ratio["instances_per_s"] > 0 and ratio["peak_rss"] > 0
+
+    e2e = doc["scenarios"]["e2e"]["result"]
+    assert [r["system"] for r in e2e["rows"]] == ["node-stream", "direct"]
+    for row in e2e["rows"]:
+        _positive(row["summary"], "seconds")
+        _positive(row["summary"], "sender_seconds")
+    assert [(r["node"], r["peer"]) for r in e2e["ratios"]] == [("node-stream", "direct")]
+    assert e2e["ratios"][0]["time"] > 0
+    assert e2e["quiet_seconds"] > 0
+
+    not_measured = {item["key"] for item in doc["not_measured"]}
+    assert {"deid", "pixels", "sealed-transfer", "scale"} <= not_measured
+    assert all(item["reason"] for item in doc["not_measured"])
+
+    md = (out / "latest.md").read_text()
+    assert "| small | 1 | node |" in md
+    assert "## Not measured yet" in md
+    if doc.get("charts"):
+        for name in doc["charts"]:
+            assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "matplotlib" in doc["charts_note"]
