@@ -4,7 +4,8 @@ Reads the CSVs parsed from PS3.15 (``../shared/standard/``, see its README) and 
 module, the JSON files the engine loads at import time:
 
 * ``annex_e_<edition>.json``: Table E.1-1, basic action and every option column per tag or pattern;
-* ``safe_private_<edition>.json``: Table E.3.10-1, safe private attributes (group, creator, low byte);
+* ``safe_private_<edition>.json``: Table E.3.10-1, safe private attributes (group, creator, low
+  byte);
 * ``cid7050_<edition>.json``: PS3.16 CID 7050, de-identification method codes per option.
 
 Run it when a new edition of the tables lands (never hand-edit the JSON)::
@@ -50,7 +51,9 @@ def build(standard_dir: Path, edition: str = EDITION) -> dict[str, dict[str, Any
     for r in _rows(standard_dir / "annex_e_table.csv"):
         table.append(
             {
-                "tag": r["tag"].upper() if r["tag"][0].isdigit() else r["tag"],
+                "tag": r["tag"]
+                if "x" in r["tag"] or r["tag"].startswith("g")
+                else r["tag"].upper(),
                 "keyword": r["keyword"],
                 "name": r["name"],
                 "retired": r["retired"] == "Y",
@@ -79,9 +82,7 @@ def build(standard_dir: Path, edition: str = EDITION) -> dict[str, dict[str, Any
         }
         for r in _rows(standard_dir / "cid7050_deid_method_codes.csv")
     ]
-    actions = {
-        r["code"]: r["meaning"] for r in _rows(standard_dir / "annex_e_action_codes.csv")
-    }
+    actions = {r["code"]: r["meaning"] for r in _rows(standard_dir / "annex_e_action_codes.csv")}
     source = "DICOM PS3.15 " + edition + " (see ../shared/standard/README.md)"
     return {
         f"annex_e_{edition}.json": {
