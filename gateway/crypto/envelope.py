@@ -267,21 +267,42 @@ class EnvelopeReader:
         self._aead = AESGCM(data_key)
         self._segment_ct = header.segment_size + TAG_BYTES
         self._index = 0
+        self._buf = bytearray(self._segment_ct + 1)
         self._lookahead = b""
         self._done = False
         self._plain = b""
         self._pos = 0
 
+    def _fill(self, start: int) -> int:
+        """Fill ``self._buf`` from ``start`` to its end or EOF; return the bytes now held."""
+        view = memoryview(self._buf)
+        readinto = getattr(self._fileobj, "readinto", None)
+        pos = start
+        while pos < len(view):
+            if readinto is not None:
+                got = readinto(view[pos:])
+            else:
+                data = self._fileobj.read(len(view) - pos)
+                got = len(data)
+                view[pos : pos + got] = data
+            if not got:
+                break
+            pos += got
+        return pos
+
+    def _refill(self) -> int:
+        self._buf[0:1] = self._lookahead
+        return self._fill(1)
+
     def _next_segment(self) -> bytes | None:
         """Return the next verified segment's plaintext, or None after the final one."""
         if self._done:
             return None
-        chunk = self._lookahead + _read_full(self._fileobj, self._segment_ct - len(self._lookahead))
-        self._lookahead = b""
-        final = True
-        if len(chunk) == self._segment_ct:
-            self._lookahead = self._fileobj.read(1)
-            final = not self._lookahead
+        # One buffer of a segment plus one byte: that byte tells whether more follows.
+        held = self._refill() if self._lookahead else self._fill(0)
+        final = held <= self._segment_ct
+        chunk = memoryview(self._buf)[: min(held, self._segment_ct)]
+        self._lookahead = b"" if final else bytes(self._buf[self._segment_ct :])
         if len(chunk) < TAG_BYTES:
             raise IntegrityError(f"envelope truncated at segment {self._index}")
         nonce = _nonce(self.header.nonce_prefix, self._index, final)

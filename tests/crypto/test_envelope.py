@@ -259,3 +259,31 @@ def test_rewrap_refuses_header_length_change(
 def test_segment_size_bounds(kek: KeyEncryptionKey) -> None:
     with pytest.raises(CryptoError):
         EnvelopeWriter(io.BytesIO(), kek, segment_size=10)
+
+
+class _Trickle:
+    """A stream with only ``read``, returning at most 100 bytes per call (like a pipe)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buf = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._buf.read(min(n, 100) if n >= 0 else 100)
+
+
+def test_short_reads_without_readinto(kek: KeyEncryptionKey, sample: tuple[bytes, bytes]) -> None:
+    data, env = sample
+    reader = open_envelope(_Trickle(env), kek)  # type: ignore[arg-type]
+    assert reader.read() == data
+    with pytest.raises(IntegrityError):
+        open_envelope(_Trickle(env[:-1]), kek).read()  # type: ignore[arg-type]
+
+
+def test_unbuffered_file(
+    tmp_path: Path, kek: KeyEncryptionKey, sample: tuple[bytes, bytes]
+) -> None:
+    data, env = sample
+    path = tmp_path / "obj.env"
+    path.write_bytes(env)
+    with open(path, "rb", buffering=0) as raw:
+        assert b"".join(open_envelope(raw, kek)) == data  # type: ignore[arg-type]
