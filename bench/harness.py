@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_csv,
         default=None,
         help="only these systems (ingest: node, dcmtk-storescp, dcmtk-storescp-ignore, "
-        "orthanc, pynetdicom-scp; e2e: node-stream, node-study, orthanc-router, direct)",
+        "orthanc, pynetdicom-scp; e2e: node-stream, node-study, orthanc-router, direct, "
+        "node-stream-basic (only when named))",
     )
     p.add_argument(
         "--datasets", type=_csv, default=("ct", "small", "multiframe"), help="ingest data sets"
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work / "run", ignore_errors=True)
     doc["meta"]["load_after"] = _load()
+    doc["failures"] = settings.failures
+    failed = failed or bool(settings.failures)
+    doc["node_configs"] = settings.node_configs
     if args.no_charts:
         doc["charts_note"] = "Charts skipped (--no-charts)."
     else:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, StoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def _nodelay(event: Any) -> None:
@@ -52,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     ae.maximum_pdu_size = args.max_pdu
     ae.maximum_associations = 16
     ae.supported_contexts = StoragePresentationContexts
-    ae.add_supported_context(Verification)
-    handlers = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, _nodelay)]
+    ae.add_supported_context(VERIFICATION)
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, _nodelay)]
     server = ae.start_server(("127.0.0.1", args.port), block=False, evt_handlers=handlers)
+    assert server is not None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

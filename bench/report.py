@@ -28,6 +28,12 @@ def _ingest_md(result: dict[str, Any]) -> list[str]:
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
+        if "error" in row:
+            lines.append(
+                f"| {row['dataset']} | {row['concurrency']} | {row['system']} | "
+                f"FAILED: {row['error']} | | | |"
+            )
+            continue
         s = row["summary"]
         lines.append(
             f"| {row['dataset']} | {row['concurrency']} | {row['system']} | "
@@ -41,6 +47,8 @@ def _ingest_md(result: dict[str, Any]) -> list[str]:
         "| data set | assoc. | peer | inst/s node/peer | peak RSS node/peer | CPU/inst node/peer |",
         "|---|---:|---|---:|---:|---:|",
     ]
+    if not result["ratios"]:
+        lines.append("| (no ratios: the node or every peer was left out) | | | | | |")
     for r in result["ratios"]:
         lines.append(
             f"| {r['dataset']} | {r['concurrency']} | {r['peer']} | "
@@ -65,6 +73,9 @@ def _e2e_md(result: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['system']} | FAILED: {row['error']} | | | | |")
+            continue
         s = row["summary"]
         lines.append(
             f"| {row['system']} | {_cell(s, 'seconds', 2)} | "
@@ -107,9 +118,14 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"FAILED: {result['error']}")
             continue
         lines += RENDERERS[key](result["result"])
+    if doc.get("failures"):
+        lines += ["", "## Failed measurements (no figure reported)", ""]
+        lines += [f"- {item}" for item in doc["failures"]]
     lines += ["", "## Not measured yet", ""]
     for item in doc["not_measured"]:
         lines.append(f"- {item['title']}: {item['reason']}.")
+    if doc.get("node_configs"):
+        lines += ["", "The node's configuration as run is in latest.json (`node_configs`)."]
     if doc.get("charts_note"):
         lines += ["", doc["charts_note"]]
     elif doc.get("charts"):
@@ -162,6 +178,12 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
                         and r["concurrency"] == conc
                         and r["system"] == system
                     )
+                    if "error" in row:
+                        medians.append(0.0)
+                        lo.append(0.0)
+                        hi.append(0.0)
+                        colors.append("white")
+                        continue
                     s = row["summary"][metric]
                     medians.append(s["median"])
                     lo.append(s["median"] - s["min"])
@@ -178,10 +200,12 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
             plt.close(fig)
             written.append(fname)
     e2e = doc["scenarios"].get("e2e", {}).get("result")
-    if e2e and e2e["rows"]:
+    if e2e and any("error" not in row for row in e2e["rows"]):
         fig, ax = plt.subplots(figsize=(7, 3.2))
         names, medians, lo, hi = [], [], [], []
         for row in e2e["rows"]:
+            if "error" in row:
+                continue
             key = "seconds_excluding_quiet" if row["system"] == "node-study" else "seconds"
             s = row["summary"][key]
             names.append(row["system"] + (" (excl. quiet)" if key != "seconds" else ""))

@@ -46,6 +46,9 @@ class Settings:
     worker_interval: float = 0.1
     timeout: float = 900.0
     log: Callable[[str], None] = print
+    failures: list[str] = field(default_factory=list)
+    node_configs: dict[str, str] = field(default_factory=dict)
+    """The node's TOML configuration per scenario/system, as run (recorded in the results)."""
     _data: dict[str, data.DataSet] = field(default_factory=dict)
 
     def wanted(self, system: str) -> bool:
@@ -82,6 +85,21 @@ def summarize(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _outcome(runs: list[dict[str, float]], error: str | None) -> dict[str, Any]:
+    """A row's measurements: runs and summary, or the error that stopped them."""
+    if error is not None:
+        return {"runs": runs, "error": error}
+    return {"runs": runs, "summary": summarize(runs)}
+
+
+def check_sender(codes: Sequence[int], log: Path) -> None:
+    """storescu must exit 0 and log no error (a refused instance is logged with ``E:``)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    errors = [line for line in text.splitlines() if line.startswith(("E:", "F:"))]
+    if any(codes) or errors:
+        raise RunFailed(f"storescu exited {list(codes)}: {errors[:5]} (see {log})")
+
+
 def alternating(systems: Sequence[str], rep: int) -> list[str]:
     """Repetition order: forwards on even repetitions, backwards on odd ones."""
     return list(systems) if rep % 2 == 0 else list(reversed(systems))
@@ -99,6 +117,8 @@ def _ingest_once(
 ) -> dict[str, float]:
     root = settings.fresh_dir(label)
     receiver: Receiver = INGEST_SYSTEMS[system](root, concurrency)
+    if isinstance(receiver, NodeReceiver):
+        settings.node_configs.setdefault("ingest", receiver.config_text)
     receiver.start()
     try:
         wait_idle(receiver.pid)
@@ -110,8 +130,7 @@ def _ingest_once(
         codes = wait_storescu(procs, settings.timeout)
         seconds = time.perf_counter() - t0
         usage = monitor.stop()
-        if any(codes):
-            raise RunFailed(f"storescu exited {codes}: see {root / 'storescu.log'}")
+        check_sender(codes, root / "storescu.log")
         stored = receiver.stored()
         if stored is not None and stored < ds.instances:
             raise RunFailed(f"{system} holds {stored} of {ds.instances} instances")
@@ -142,10 +161,19 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
                 skipped.append(f"{name} with {conc} associations: only {ds.instances} instance(s)")
                 continue
             runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+            errors: dict[str, str] = {}
             for rep in range(settings.repeat):
                 for system in alternating(systems, rep):
+                    if system in errors:
+                        continue
                     label = f"ingest-{name}-{conc}-{system}-{rep}"
-                    result = _ingest_once(settings, system, ds, conc, label)
+                    try:
+                        result = _ingest_once(settings, system, ds, conc, label)
+                    except RunFailed as exc:
+                        errors[system] = str(exc)
+                        settings.failures.append(f"ingest {name} x{conc} {system}: {exc}")
+                        settings.log(f"ingest {name:10s} x{conc} {system:22s} FAILED: {exc}")
+                        continue
                     settings.log(
                         f"ingest {name:10s} x{conc} {system:22s} rep {rep + 1}: "
                         f"{result['instances_per_s']:8.1f} inst/s {result['mb_per_s']:7.1f} MB/s "
@@ -159,19 +187,19 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
                         "dataset": name,
                         "concurrency": conc,
                         "system": system,
-                        "runs": runs[system],
-                        "summary": summarize(runs[system]),
+                        **_outcome(runs[system], errors.get(system)),
                     }
                 )
     ratios = []
     for row in rows:
-        if row["system"] == "node":
+        if row["system"] == "node" or "error" in row:
             continue
         node = next(
             (
                 r
                 for r in rows
                 if r["system"] == "node"
+                and "error" not in r
                 and r["dataset"] == row["dataset"]
                 and r["concurrency"] == row["concurrency"]
             ),
@@ -211,13 +239,19 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- 2. end to end
 
+ORIGINAL_CT_PATIENT_ID = "BENCH-CT"
+
 ROUTER_LUA = """
 function OnStoredInstance(instanceId, tags, metadata, origin)
   SendToModality(instanceId, 'dest')
 end
 """
 
-E2E_ORDER = ("node-stream", "node-study", "orthanc-router", "direct")
+E2E_ORDER = ("node-stream", "node-stream-basic", "node-study", "orthanc-router", "direct")
+E2E_DEFAULT = frozenset({"node-stream", "node-study", "orthanc-router", "direct"})
+"""``node-stream-basic`` (the stream route with ``profile = "basic"``) runs only when named
+in ``--systems``, until the node applies profiles on delivery; it fails, rather than report
+a figure, if what arrives at the destination still carries the original PatientID."""
 
 
 def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> dict[str, float]:
@@ -236,10 +270,12 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
                 lua=ROUTER_LUA,
                 name="orthanc-router",
             )
-        elif system in ("node-stream", "node-study"):
+        elif system.startswith("node-"):
             route: dict[str, Any] = {"name": "bench", "destinations": ["dest"]}
-            if system == "node-stream":
+            if system.startswith("node-stream"):
                 route["mode"] = "stream"
+                if system == "node-stream-basic":
+                    route["profile"] = "basic"
             else:
                 route.update(mode="study", quiet_seconds=settings.quiet_seconds)
             options = NodeOptions(
@@ -254,6 +290,7 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
                 },
             )
             middle = NodeReceiver(root / "node", options, name=system)
+            settings.node_configs.setdefault(f"e2e {system}", middle.config_text)
         if middle is not None:
             middle.start()
         target: Receiver = middle if middle is not None else dest
@@ -268,8 +305,7 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
             now = time.perf_counter()
             if sent is None and all(p.poll() is not None for p in procs):
                 sent = now - t0
-                if any(p.returncode for p in procs):
-                    raise RunFailed(f"storescu failed: see {root / 'storescu.log'}")
+                check_sender([p.returncode for p in procs], root / "storescu.log")
             held = dest.server.count_instances()
             if held >= ds.instances:
                 done = time.perf_counter() - t0
@@ -281,6 +317,11 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
             wait_storescu(procs, settings.timeout)
             sent = time.perf_counter() - t0
         usage = monitor.stop() if monitor is not None else None
+        if system == "node-stream-basic":
+            first = dest.server.instances()[0]
+            patient = dest.server.instance_tags(first).get("PatientID")
+            if patient == ORIGINAL_CT_PATIENT_ID:
+                raise RunFailed("profile basic was not applied: PatientID arrived unchanged")
     finally:
         for p in procs:
             stop_process(p, timeout=5)
@@ -302,12 +343,24 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
 
 
 def run_e2e(settings: Settings) -> dict[str, Any]:
-    systems = [s for s in E2E_ORDER if settings.wanted(s)]
+    if settings.systems is None:
+        systems = [s for s in E2E_ORDER if s in E2E_DEFAULT]
+    else:
+        systems = [s for s in E2E_ORDER if s in settings.systems]
     ds = settings.dataset("ct")
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+    errors: dict[str, str] = {}
     for rep in range(settings.repeat):
         for system in alternating(systems, rep):
-            result = _e2e_once(settings, system, ds, f"e2e-{system}-{rep}")
+            if system in errors:
+                continue
+            try:
+                result = _e2e_once(settings, system, ds, f"e2e-{system}-{rep}")
+            except RunFailed as exc:
+                errors[system] = str(exc)
+                settings.failures.append(f"e2e {system}: {exc}")
+                settings.log(f"e2e    ct x1 {system:15s} FAILED: {exc}")
+                continue
             extra = (
                 f" ({result['seconds_excluding_quiet']:.2f} s excluding quiet)"
                 if "seconds_excluding_quiet" in result
@@ -318,18 +371,20 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
                 f"instance held{extra}, sender done at {result['sender_seconds']:.2f} s"
             )
             runs[system].append(result)
-    rows = [{"system": s, "runs": runs[s], "summary": summarize(runs[s])} for s in systems]
+    rows: list[dict[str, Any]] = [
+        {"system": s, **_outcome(runs[s], errors.get(s))} for s in systems
+    ]
 
     def median(system: str) -> float | None:
         for row in rows:
-            if row["system"] == system:
+            if row["system"] == system and "error" not in row:
                 key = "seconds_excluding_quiet" if system == "node-study" else "seconds"
                 value: float = row["summary"][key]["median"]
                 return value
         return None
 
     ratios = []
-    for node in ("node-stream", "node-study"):
+    for node in ("node-stream", "node-stream-basic", "node-study"):
         for peer in ("orthanc-router", "direct"):
             a, b = median(node), median(peer)
             if a is not None and b is not None:
@@ -364,12 +419,14 @@ class Scenario:
 
 REGISTRY: tuple[Scenario, ...] = (
     Scenario("ingest", "1. Ingest: storescu -> receiver", run_ingest),
-    Scenario("e2e", "2. End to end: storescu -> router -> Orthanc (no profile)", run_e2e),
+    Scenario("e2e", "2. End to end: storescu -> router -> Orthanc", run_e2e),
     Scenario(
         "e2e-basic-profile",
         "2b. End to end with the `basic` de-identification profile",
         None,
-        "the node has no de-identification profiles in its route configuration yet",
+        "routes accept `profile` but the delivery pipeline applies no de-identification yet "
+        "(gateway/transfer/pipeline.py); `--systems node-stream-basic,orthanc-router` "
+        "measures it, and fails while the profile is not applied",
     ),
     Scenario(
         "e2e-peer-channel",
