@@ -63,6 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--type", dest="event_type", help="event type, e.g. c-store")
     al.add_argument("--limit", type=int, default=1000)
     al.add_argument("--json", action="store_true")
+
+    de = sub.add_parser(
+        "deid", help="de-identify files or folders by a profile, with the leak gate"
+    )
+    de.add_argument("-c", "--config", metavar="FILE", help="node configuration (for its state dir)")
+    de.add_argument("--profile", required=True, help="a name in deid_profiles/ or a path")
+    de.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    de.add_argument("--secret", metavar="FILE", help="project secret file")
+    de.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    de.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
     return p
 
 
@@ -78,6 +88,8 @@ def _when(text: str) -> datetime:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "deid":
+        return _deid(args)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
@@ -279,6 +291,55 @@ def _audit(db: Database, args: argparse.Namespace) -> int:
                 f"{r['sop_instance_uid'] or r['study_instance_uid']}"
             )
     return 0
+
+
+def _deid(args: argparse.Namespace) -> int:
+    """``deid``: de-identify inputs into ``--out``; exit 1 naming every quarantined file."""
+    from pathlib import Path
+
+    from gateway.deid import ProjectKey, deidentify_file, generate_secret_file, load_profile
+    from gateway.errors import DeidError, ProfileError
+
+    try:
+        profile = load_profile(args.profile)
+        if args.secret:
+            secret = Path(args.secret)
+        else:
+            state = load_config(args.config).state_dir if args.config else Path("var")
+            secret = state / "dev-secret"
+            if not secret.exists():
+                generate_secret_file(secret)
+            print(
+                f"dicom-gateway: WARNING: no --secret; using the development secret {secret}",
+                file=sys.stderr,
+            )
+        key = ProjectKey.from_file(secret)
+    except (ConfigError, ProfileError, DeidError, OSError) as exc:
+        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        return 2
+    files: list[Path] = []
+    for name in args.inputs:
+        p = Path(name)
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    report: dict[str, Any] = {"profile": profile.name, "key_id": key.key_id, "files": []}
+    quarantined = 0
+    for n, f in enumerate(files, 1):
+        entry: dict[str, Any] = {"input": str(f)}
+        try:
+            result = deidentify_file(f, args.out, profile, key)
+            entry.update(output=str(result.path), **result.report.to_dict())
+        except DeidError as exc:
+            quarantined += 1
+            entry["quarantined"] = str(exc)
+            print(f"\rdicom-gateway: QUARANTINED {f}: {exc}", file=sys.stderr)
+        report["files"].append(entry)
+        done = int(30 * n / len(files))
+        print(f"\r[{'#' * done}{'.' * (30 - done)}] {n}/{len(files)}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+    print(f"{len(files) - quarantined} clean, {quarantined} quarantined", file=sys.stderr)
+    return 1 if quarantined else 0
 
 
 if __name__ == "__main__":
