@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -37,7 +38,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 
 from gateway.deid import choices, values
 from gateway.deid.keys import ProjectKey
@@ -512,7 +512,7 @@ class Engine:
         meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_instance
         meta.TransferSyntaxUID = UID(str(ts))
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         return meta
 

@@ -43,10 +43,10 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
+from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]
 from pydicom.valuerep import PersonName
 
 from gateway.deid.profiles import Profile
@@ -174,7 +174,13 @@ class Needles:
             self.short.setdefault(canon, category)
 
     def words(self) -> frozenset[str]:
-        return frozenset(self.short) | frozenset(self.long) | frozenset(self.short_numeric)
+        """The needles that are not free-text words: names, IDs, dates, UIDs, places."""
+        return frozenset(
+            w
+            for d in (self.short, self.long, self.short_numeric)
+            for w, category in d.items()
+            if category not in _FREE_WORD_CATEGORIES
+        )
 
     def __len__(self) -> int:
         return len(self.long) + len(self.short) + len(self.short_numeric)

@@ -125,7 +125,8 @@ def parse_profile(text: str, *, path: str = "<profile>", name: str = "profile") 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"at line (\d+)", str(exc))
-        raise ProfileError(path, int(m.group(1)) if m else None, f"not TOML: {exc}") from None
+        line = int(m.group(1)) if m else text.count("\n") + 1
+        raise ProfileError(path, line, f"not TOML: {exc}") from None
 
     def fail(reason: str, pattern: str | None = None, start: int = 0) -> ProfileError:
         return ProfileError(path, _line_of(text, pattern, start) if pattern else None, reason)
@@ -189,8 +190,8 @@ def parse_profile(text: str, *, path: str = "<profile>", name: str = "profile") 
     items = []
     pos = 0
     for i, it in enumerate(items_doc):
-        line = _line_of(text, r"^\s*\[\[\s*item\s*\]\]", pos) or 0
-        m = re.compile(r"^\s*\[\[\s*item\s*\]\]", re.M).search(text, pos)
+        line = _line_of(text, r"^[ \t]*\[\[[ \t]*item[ \t]*\]\]", pos) or 0
+        m = re.compile(r"^[ \t]*\[\[[ \t]*item[ \t]*\]\]", re.M).search(text, pos)
         pos = m.end() if m else pos
         try:
             items.append(_parse_item(i, it, line))

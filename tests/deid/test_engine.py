@@ -86,9 +86,13 @@ def test_basic_actions(key, basic) -> None:
     # the input is untouched
     assert ds.PatientName == "Quixote^Alonso^Q"
     # U: every instance UID, references included, becomes 2.25.<int>
-    for uid in (out.SOPInstanceUID, out.StudyInstanceUID, out.SeriesInstanceUID,
-                out.FrameOfReferenceUID,
-                out.ReferencedImageSequence[0].ReferencedSOPInstanceUID):
+    for uid in (
+        out.SOPInstanceUID,
+        out.StudyInstanceUID,
+        out.SeriesInstanceUID,
+        out.FrameOfReferenceUID,
+        out.ReferencedImageSequence[0].ReferencedSOPInstanceUID,
+    ):
         assert uid.startswith("2.25.") and len(uid) <= 64
     assert out.ReferencedImageSequence[0].ReferencedSOPClassUID == ds.SOPClassUID  # well-known
     # Z
@@ -105,8 +109,16 @@ def test_basic_actions(key, basic) -> None:
     assert out.DeviceSerialNumber == "ANONYMIZED"  # X/Z/D -> D
     assert "ReferencedImageSequence" in out  # X/Z/U* -> U*
     # X
-    for kw in ("InstitutionName", "StationName", "PatientWeight", "ImageComments",
-               "ProtocolName", "IconImageSequence", "PatientAge", "StudyDescription"):
+    for kw in (
+        "InstitutionName",
+        "StationName",
+        "PatientWeight",
+        "ImageComments",
+        "ProtocolName",
+        "IconImageSequence",
+        "PatientAge",
+        "StudyDescription",
+    ):
         assert kw not in out, kw
     assert 0x00100012 not in out  # Name to Use, by tag from the table
     # K

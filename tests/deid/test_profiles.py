@@ -34,12 +34,24 @@ def test_default_search_finds_repo_profiles() -> None:
 @pytest.mark.parametrize(
     ("text", "line", "reason"),
     [
-        ('name = "x"\noptions = [\n  "retain_uids",\n  "retain_everything",\n]\n', 4, "unknown option"),
-        ('name = "x"\n[[item]]\ntag = "PatientName"\naction = "keep"\n[[item]]\ntag = "Nope"\naction = "X"\n', 5, "unknown keyword"),
+        (
+            'name = "x"\noptions = [\n  "retain_uids",\n  "retain_everything",\n]\n',
+            4,
+            "unknown option",
+        ),
+        (
+            'name = "x"\n[[item]]\ntag = "PatientName"\naction = "keep"\n[[item]]\ntag = "Nope"\naction = "X"\n',
+            5,
+            "unknown keyword",
+        ),
         ('name = "x"\n\n[[item]]\ntag = "(0010,0010)"\naction = "scramble"\n', 3, "unknown action"),
         ('name = "x"\ncolour = "blue"\n', 2, "unknown key"),
         ('name = "x"\noptions = [\n', 3, "not TOML"),
-        ('options = ["retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"]\n', 1, "exclude"),
+        (
+            'options = ["retain_longitudinal_full_dates", "retain_longitudinal_modified_dates"]\n',
+            1,
+            "exclude",
+        ),
         ('[[item]]\ntag = "PatientName"\naction = "replace"\n', 1, "value"),
         ('[pseudonyms]\npatient_id = "P-{name}"\n', 2, "digest"),
     ],
