@@ -40,7 +40,8 @@ def test_default_search_finds_repo_profiles() -> None:
             "unknown option",
         ),
         (
-            'name = "x"\n[[item]]\ntag = "PatientName"\naction = "keep"\n[[item]]\ntag = "Nope"\naction = "X"\n',
+            'name = "x"\n[[item]]\ntag = "PatientName"\naction = "keep"\n'
+            '[[item]]\ntag = "Nope"\naction = "X"\n',
             5,
             "unknown keyword",
         ),
