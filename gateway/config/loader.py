@@ -44,6 +44,7 @@ _POSITIVE_KEYS = frozenset(
         "backoff_max",
         "routing_interval",
         "connect_timeout",
+        "handshake_timeout",
     }
 )
 _NON_NEGATIVE_KEYS = frozenset({"spool_min_free_bytes", "quiet_seconds"})
@@ -133,6 +134,8 @@ class _Builder:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             if len(args) == 1 and args[0] is Path:  # optional path: "" (TOML has no null)
                 return None if raw == "" else self.value(Path, raw, key)
+            if len(args) == 1 and dataclasses.is_dataclass(args[0]):  # optional table
+                return self.build(typing.cast(type[Any], args[0]), raw, key)
             raise self.fail(key, "a supported type")  # no other unions in the schema
         if hint is bool:
             if not isinstance(raw, bool):
@@ -209,6 +212,21 @@ def _check_calling_ae(builder: _Builder, value: str, key: str) -> None:
     _check_ae(builder, value, key)
 
 
+def _check_certificate_name(builder: _Builder, value: str, key: str) -> None:
+    if not value or not all(0x20 < ord(c) < 0x7F for c in value):
+        raise builder.fail(key, "a certificate subject CN or SAN value (printable ASCII)")
+
+
+def _check_server_name(builder: _Builder, value: str, key: str) -> None:
+    if value:
+        _check_certificate_name(builder, value, key)
+
+
+def _check_pin(builder: _Builder, value: str, key: str) -> None:
+    if value and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise builder.fail(key, '64 lowercase hex digits (SHA-256 of the public key) or ""')
+
+
 _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "ae_title": _check_ae,
     "called_ae": _check_ae,
@@ -218,6 +236,9 @@ _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "name": _check_name,
     "destinations": _check_name,
     "profile": _check_profile_name,
+    "certificate_name": _check_certificate_name,
+    "server_name": _check_server_name,
+    "pin_sha256": _check_pin,
 }
 
 
@@ -259,6 +280,26 @@ def _check_references(name: str, cfg: model.GatewayConfig) -> None:
                     f"routes[{i}].destinations[{j}]",
                     f"the name of a [[destinations]] entry ('{dname}' is not defined)",
                 )
+    _check_tls(name, cfg)
     for i, entry in enumerate(cfg.dicom.allow):
         if not entry.calling_ae:
             raise ConfigError(name, f"dicom.allow[{i}].calling_ae", "at least one AE title or '*'")
+
+
+def _check_tls(name: str, cfg: model.GatewayConfig) -> None:
+    tls = cfg.dicom.tls
+    if not tls.plain and not tls.enabled:
+        raise ConfigError(name, "dicom.tls.plain", "true unless dicom.tls.enabled (no listener)")
+    if tls.enabled and tls.plain and tls.port == cfg.dicom.port:
+        raise ConfigError(name, "dicom.tls.port", "a port other than dicom.port")
+    if tls.enabled and tls.require_client_cert and tls.ca_file is None:
+        raise ConfigError(
+            name, "dicom.tls.ca_file", "the CA file client certificates must chain to"
+        )
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise ConfigError(name, "dicom.tls.key_file", "cert_file and key_file given together")
+    for i, dest in enumerate(cfg.destinations):
+        if dest.tls is not None and (dest.tls.cert_file is None) != (dest.tls.key_file is None):
+            raise ConfigError(
+                name, f"destinations[{i}].tls.key_file", "cert_file and key_file given together"
+            )

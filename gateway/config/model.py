@@ -32,6 +32,29 @@ class AllowEntry:
 
 
 @dataclass(frozen=True)
+class DicomTLSConfig:
+    """The DICOM TLS listener (PS3.15 Annex B.9, BCP 195 profile); files, never key values."""
+
+    enabled: bool = False
+    port: int = 2762
+    cert_file: Path | None = None  # None: <state_dir>/keys/tls.crt
+    key_file: Path | None = None  # None: <state_dir>/keys/tls.key
+    ca_file: Path | None = None
+    require_client_cert: bool = True
+    allow_tls12: bool = False
+    handshake_timeout: float = 10.0
+    plain: bool = True
+
+
+@dataclass(frozen=True)
+class TLSBinding:
+    """A calling AE title bound to a client certificate's subject CN or a SAN value."""
+
+    calling_ae: str
+    certificate_name: str
+
+
+@dataclass(frozen=True)
 class DicomConfig:
     ae_title: str = "GATEWAY"
     host: str = "127.0.0.1"
@@ -47,6 +70,8 @@ class DicomConfig:
     max_associate_pdu_size: int = 1048576
     max_sequence_depth: int = 64
     allow: tuple[AllowEntry, ...] = ()
+    tls: DicomTLSConfig = field(default_factory=DicomTLSConfig)
+    tls_bindings: tuple[TLSBinding, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +108,18 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class DestinationTLSConfig:
+    """TLS towards a DICOM destination: the server is always verified (CA, name, pin)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""  # "": the destination's host
+    pin_sha256: str = ""  # hex SHA-256 of the server's SubjectPublicKeyInfo; "": no pin
+    allow_tls12: bool = False
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     name: str
     type: Literal["dicom"] = "dicom"
@@ -95,6 +132,7 @@ class DestinationConfig:
     connect_timeout: float = 10.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    tls: DestinationTLSConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +178,15 @@ class GatewayConfig:
     def deid_secret_file(self) -> Path:
         """The project secret for keyed pseudonyms; a development one lives in the state dir."""
         return self.deid.secret_file or self.node.state_dir / "deid-secret.key"
+
+    @property
+    def tls_cert_file(self) -> Path:
+        """The DICOM TLS listener's certificate; ``keys init`` makes one here if missing."""
+        return self.dicom.tls.cert_file or self.node.state_dir / "keys" / "tls.crt"
+
+    @property
+    def tls_key_file(self) -> Path:
+        return self.dicom.tls.key_file or self.node.state_dir / "keys" / "tls.key"
 
     @property
     def database_url(self) -> str:
