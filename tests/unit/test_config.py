@@ -128,6 +128,9 @@ def _documented_keys() -> set[str]:
         model.AllowEntry,
         model.DestinationConfig,
         model.RouteConfig,
+        model.DicomTLSConfig,
+        model.TLSBinding,
+        model.DestinationTLSConfig,
     ],
     ids=lambda c: c.__name__,
 )
