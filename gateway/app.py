@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
 from gateway.dicom.server import DicomServer
+from gateway.dicom.tls import listener_context
 from gateway.errors import IndexError_
 from gateway.index.db import Database
 from gateway.ingest.service import IngestService
@@ -16,6 +18,8 @@ from gateway.metrics import Metrics
 from gateway.routing.router import Router
 from gateway.spool.store import Spool
 from gateway.transfer.destinations import build_destinations
+from gateway.transfer.pipeline import Pipeline
+from gateway.transfer.prepare import DeidStep, check_profiles
 from gateway.transfer.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -29,8 +33,10 @@ class Node:
         self.db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
         self.spool = Spool(cfg.spool_dir, min_free_bytes=cfg.ingest.spool_min_free_bytes)
         self.metrics = Metrics()
+        self.deid_step = DeidStep(cfg, outgoing_dir=cfg.spool_dir / "outgoing")
         self.worker = Worker(
             cfg,
+            pipeline=Pipeline([self.deid_step]),
             db=self.db,
             spool=self.spool,
             clock=self.clock,
@@ -51,11 +57,17 @@ class Node:
             self.ingest,
             incoming_dir=self.spool.incoming,
             on_security_event=lambda kind: self.metrics.security_events.labels(kind).inc(),
+            tls_context=listener_context(cfg),
         )
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
 
     def start(self) -> None:
+        check_profiles(self.cfg)
+        if any(route.profile for route in self.cfg.routes):
+            self.deid_step.key()  # load (or, for development, make) the secret before serving
+        # files prepared by attempts a crash interrupted: every attempt prepares afresh
+        shutil.rmtree(self.deid_step.outgoing_dir, ignore_errors=True)
         self.db.migrate()
         removed = self.ingest.recover()
         if removed:

@@ -92,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _deid(args)
     try:
         cfg = load_config(args.config)
+        if args.command in ("check-config", "serve"):
+            from gateway.transfer.prepare import check_profiles
+
+            check_profiles(cfg)
     except ConfigError as exc:
         print(f"dicom-gateway: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -37,3 +37,19 @@ class Pipeline:
         for step in self.steps:
             item = step(item, delivery)
         return item
+
+    def summary(self, delivery_id: str) -> dict[str, object]:
+        """What the steps did for this attempt, for its audit record (never values)."""
+        out: dict[str, object] = {}
+        for step in self.steps:
+            describe = getattr(step, "summary", None)
+            if describe is not None:
+                out.update(describe(delivery_id))
+        return out
+
+    def release(self, delivery_id: str) -> None:
+        """Let every step drop what it prepared for an attempt that is over."""
+        for step in self.steps:
+            release = getattr(step, "release", None)
+            if release is not None:
+                release(delivery_id)

@@ -187,7 +187,18 @@ class Worker:
         if progress.results:
             # what the destination already took is recorded before the attempt closes
             self._flush(delivery_id, worker_id, progress)
-        self._finish(delivery_id, worker_id, event, reason, started, study_uid)
+        try:
+            self._finish(
+                delivery_id,
+                worker_id,
+                event,
+                reason,
+                started,
+                study_uid,
+                prepared=self.pipeline.summary(delivery_id),
+            )
+        finally:
+            self.pipeline.release(delivery_id)
 
     def _flush(self, delivery_id: str, worker_id: str, progress: _Progress) -> None:
         pending, progress.results = progress.results, []
@@ -209,6 +220,8 @@ class Worker:
         reason: str,
         started: datetime,
         study_uid: str,
+        *,
+        prepared: dict[str, object] | None = None,
     ) -> None:
         now = self.clock.now()
         with self.db.session() as s:
@@ -275,6 +288,7 @@ class Worker:
                         "warnings": delivery.warning_count,
                         "failed": delivery.failed_count,
                         "reason": reason,
+                        **({"prepared": prepared} if prepared else {}),
                     },
                 ),
                 node=self.cfg.node.name,

@@ -72,6 +72,7 @@ class GatewayNode:
         dicom: dict[str, Any] | None = None,
         ingest: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
+        deid: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         wrapper: Sequence[str] = (),
     ) -> None:
@@ -108,6 +109,8 @@ class GatewayNode:
                 **(worker or {}),
             },
         }
+        if deid:
+            sections["deid"] = dict(deid)
         if destinations:
             sections["destinations"] = list(destinations)
         if routes:
