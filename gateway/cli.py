@@ -305,12 +305,20 @@ def _deid(args: argparse.Namespace) -> int:
     from gateway.errors import DeidError, ProfileError
 
     try:
-        profile = load_profile(args.profile)
+        cfg = load_config(args.config) if args.config else None
+        if cfg is not None:
+            from gateway.transfer.prepare import resolve_profile
+
+            profile = resolve_profile(cfg, args.profile)
+        else:
+            profile = load_profile(args.profile)
         if args.secret:
             secret = Path(args.secret)
+        elif cfg is not None and cfg.deid.secret_file is not None:
+            secret = cfg.deid.secret_file
         else:
-            state = load_config(args.config).state_dir if args.config else Path("var")
-            secret = state / "dev-secret"
+            # the node's development secret, so the CLI and the node make the same pseudonyms
+            secret = cfg.deid_secret_file if cfg is not None else Path("var/deid-secret.key")
             if not secret.exists():
                 generate_secret_file(secret)
             print(
