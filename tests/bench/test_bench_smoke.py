@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,42 @@ def test_bench_smoke(tmp_path: Path) -> None:
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
     else:
         assert "matplotlib" in doc["charts_note"]
+
+
+def test_split_and_alternating() -> None:
+    from bench.scenarios import alternating, summarize
+    from bench.systems import split
+
+    files = [Path(f"{i}.dcm") for i in range(10)]
+    chunks = split(files, 4)
+    assert len(chunks) == 4 and {len(c) for c in chunks} == {2, 3}
+    assert [f for c in chunks for f in c] == files
+    assert split(files[:2], 4) == [[files[0]], [files[1]]]
+    assert alternating(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert alternating(["a", "b", "c"], 1) == ["c", "b", "a"]
+    assert summarize([{"x": 3.0}, {"x": 1.0}, {"x": 2.0}]) == {
+        "x": {"median": 2.0, "min": 1.0, "max": 3.0}
+    }
+
+
+def test_tree_monitor_counts_children() -> None:
+    from bench.procstat import TreeMonitor
+
+    # A shell whose child burns ~0.3 s of CPU and holds ~40 MiB.
+    script = (
+        "import time; b = bytearray(40 * 1024 * 1024); t = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass\n"
+        "time.sleep(0.3)"
+    )
+    proc = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "{script}"; true'])
+    try:
+        monitor = TreeMonitor(proc.pid, interval=0.01).start()
+        # Wait for the shell to exit without reaping it: its zombie still reports the
+        # child's CPU (cutime), as a receiver's tree does while the harness measures it.
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+        usage = monitor.stop()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert usage.cpu_seconds >= 0.25
+    assert usage.peak_rss_mib >= 40
