@@ -22,23 +22,25 @@ def _ratio(value: float | None) -> str:
 
 def _ingest_md(result: dict[str, Any]) -> list[str]:
     lines = [
-        f"Sender: {result['sender']}. Cells: median (min-max) over the repetitions.",
+        f"Sender: {result['sender']}. Cells: median (min-max) over the repetitions; "
+        "load: the machine's 1-minute load average when each run started.",
         "",
-        "| data set | assoc. | receiver | inst/s | MB/s | peak RSS MiB | CPU ms/inst |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| data set | assoc. | receiver | inst/s | MB/s | peak RSS MiB | CPU ms/inst | load |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         if "error" in row:
             lines.append(
                 f"| {row['dataset']} | {row['concurrency']} | {row['system']} | "
-                f"FAILED: {row['error']} | | | |"
+                f"FAILED: {row['error']} | | | | |"
             )
             continue
         s = row["summary"]
         lines.append(
             f"| {row['dataset']} | {row['concurrency']} | {row['system']} | "
             f"{_cell(s, 'instances_per_s')} | {_cell(s, 'mb_per_s')} | "
-            f"{_cell(s, 'peak_rss_mib')} | {_cell(s, 'cpu_ms_per_instance', 2)} |"
+            f"{_cell(s, 'peak_rss_mib')} | {_cell(s, 'cpu_ms_per_instance', 2)} | "
+            f"{_cell(s, 'load_1min')} |"
         )
     lines += [
         "",
@@ -69,18 +71,19 @@ def _e2e_md(result: dict[str, Any]) -> list[str]:
         f"are {result['node_worker_intervals']} s.",
         "",
         "| path | seconds to last held | excl. quiet | sender done s | "
-        "router peak RSS MiB | router CPU ms/inst |",
-        "|---|---:|---:|---:|---:|---:|",
+        "router peak RSS MiB | router CPU ms/inst | load |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['system']} | FAILED: {row['error']} | | | | |")
+            lines.append(f"| {row['system']} | FAILED: {row['error']} | | | | | |")
             continue
         s = row["summary"]
         lines.append(
             f"| {row['system']} | {_cell(s, 'seconds', 2)} | "
             f"{_cell(s, 'seconds_excluding_quiet', 2)} | {_cell(s, 'sender_seconds', 2)} | "
-            f"{_cell(s, 'router_peak_rss_mib')} | {_cell(s, 'router_cpu_ms_per_instance', 2)} |"
+            f"{_cell(s, 'router_peak_rss_mib')} | {_cell(s, 'router_cpu_ms_per_instance', 2)} | "
+            f"{_cell(s, 'load_1min')} |"
         )
     lines += [
         "",

@@ -8,6 +8,7 @@ system and configuration, each with its ``runs`` and a median/min/max ``summary`
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -123,6 +124,7 @@ def _ingest_once(
     try:
         wait_idle(receiver.pid)
         monitor = TreeMonitor(receiver.pid).start()
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         procs = start_storescu(
             receiver.ae_title, receiver.port, ds.files, concurrency, root / "storescu.log"
@@ -139,6 +141,7 @@ def _ingest_once(
     shutil.rmtree(root, ignore_errors=True)
     return {
         "seconds": seconds,
+        "load_1min": load,
         "instances_per_s": ds.instances / seconds,
         "mb_per_s": ds.total_bytes / MIB / seconds,
         "peak_rss_mib": usage.peak_rss_mib,
@@ -296,6 +299,7 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
         target: Receiver = middle if middle is not None else dest
         wait_idle(dest.pid)
         monitor = TreeMonitor(middle.pid).start() if middle is not None else None
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         procs = start_storescu(target.ae_title, target.port, ds.files, 1, root / "storescu.log")
         sent: float | None = None
@@ -331,6 +335,7 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
     shutil.rmtree(root, ignore_errors=True)
     result = {
         "seconds": done,
+        "load_1min": load,
         "sender_seconds": sent,
         "instances_per_s": ds.instances / done,
     }
