@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gateway import __version__
+from gateway import __version__, cli_keys
 from gateway.audit.chain import verify
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import AuditChainError, ConfigError, GatewayError, TransitionError
@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--limit", type=int, default=1000)
     al.add_argument("--json", action="store_true")
 
+    cli_keys.add_parsers(sub, with_config)
+
     de = sub.add_parser(
         "deid", help="de-identify files or folders by a profile, with the leak gate"
     )
@@ -90,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "deid":
         return _deid(args)
+    if args.command == "ca":
+        return cli_keys.run_ca(args)
     try:
         cfg = load_config(args.config)
         if args.command in ("check-config", "serve"):
@@ -108,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(cfg)
+        if args.command == "keys":
+            return cli_keys.run_keys(cfg, args)
         db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
         try:
             db.migrate()
@@ -136,7 +142,8 @@ def _serve(cfg: GatewayConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     node.start()
     print(
-        f"dicom-gateway: {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{node.server.port}",
+        f"dicom-gateway: {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{node.server.port}"
+        + (f", TLS on port {node.server.tls_port}" if node.server.tls_port else ""),
         file=sys.stderr,
         flush=True,
     )

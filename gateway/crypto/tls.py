@@ -8,7 +8,8 @@ skips verification.
 
 The CA is for sites without their own PKI: ``ca_init`` makes a self-signed CA, ``ca_issue``
 a node certificate for both server and client authentication with SANs for the node name,
-``localhost``, 127.0.0.1 and ::1. Keys are ECDSA P-256 (widest support, including DCMTK) or
+``localhost``, 127.0.0.1 and ::1 (``issue_node_certificate`` writes the same, CA-signed or
+self-signed, to given paths). Keys are ECDSA P-256 (widest support, including DCMTK) or
 Ed25519. Private keys are written 0600 and never overwritten.
 """
 
@@ -287,16 +288,52 @@ def ca_issue(
     name must be a lowercase DNS name; it is the certificate's CN and first SAN, beside
     ``localhost``, 127.0.0.1 and ::1. Refuses to overwrite an existing key.
     """
-    if not _NODE_NAME.fullmatch(node_name) or len(node_name) > 253:
-        raise CryptoError(f"node name {node_name!r} is not a lowercase DNS name")
     out_dir = Path(out_dir)
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key_path, cert_path = out_dir / f"{node_name}.key", out_dir / f"{node_name}.crt"
+    return issue_node_certificate(
+        node_name,
+        cert_file=out_dir / f"{node_name}.crt",
+        key_file=out_dir / f"{node_name}.key",
+        ca_dir=Path(ca_dir),
+        ca_copy=out_dir / CA_CERT,
+        key_type=key_type,
+        valid_days=valid_days,
+        now=now,
+    )
+
+
+def issue_node_certificate(
+    node_name: str,
+    *,
+    cert_file: Path,
+    key_file: Path,
+    ca_dir: Path | None = None,
+    ca_copy: Path | None = None,
+    key_type: KeyType = "ecdsa-p256",
+    valid_days: int = 397,
+    now: datetime | None = None,
+) -> IssuedCertificate:
+    """Write a node key (0600) and certificate to the given paths.
+
+    Signed by the deployment CA in ``ca_dir`` (its certificate copied to ``ca_copy`` if
+    given), or self-signed without one: then the certificate is its own trust anchor, and
+    peers trust it by that file or its pin. Refuses to overwrite an existing key.
+    """
+    if not _NODE_NAME.fullmatch(node_name) or len(node_name) > 253:
+        raise CryptoError(f"node name {node_name!r} is not a lowercase DNS name")
+    key_path, cert_path = Path(key_file), Path(cert_file)
     if key_path.exists():
         raise CryptoError(f"{key_path}: already exists; not overwriting a node key")
-    ca_cert, ca_key = _load_deployment_ca(Path(ca_dir))
     now = now or datetime.now(UTC)
     key = _new_key(key_type)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_name)])
+    if ca_dir is not None:
+        ca_cert, ca_key = _load_deployment_ca(Path(ca_dir))
+        issuer, signer, not_after = ca_cert.subject, ca_key, ca_cert.not_valid_after_utc
+        authority = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    else:
+        ca_cert, issuer, signer, not_after = None, subject, key, now + timedelta(days=valid_days)
+        authority = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     sans: list[x509.GeneralName] = [
         x509.DNSName(node_name),
         x509.DNSName("localhost"),
@@ -305,15 +342,14 @@ def ca_issue(
     ]
     if node_name == "localhost":
         sans.pop(1)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_name)]))
-        .issuer_name(ca_cert.subject)
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _SKEW)
-        .not_valid_after(min(now + timedelta(days=valid_days), ca_cert.not_valid_after_utc))
+        .not_valid_after(min(now + timedelta(days=valid_days), not_after))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -338,19 +374,23 @@ def ca_issue(
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority),
+            critical=False,
         )
-        .sign(ca_key, _sign_hash(ca_key))
+        .sign(signer, _sign_hash(signer))
     )
     if not write_private_file(key_path, _key_pem(key)):
         raise CryptoError(f"{key_path}: already exists; not overwriting a node key")
     _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-    ca_copy = out_dir / CA_CERT
-    _write_public(ca_copy, ca_cert.public_bytes(serialization.Encoding.PEM))
+    ca_file = cert_path
+    if ca_cert is not None:
+        ca_file = ca_copy or Path(ca_dir or ".") / CA_CERT
+        if ca_copy is not None:
+            _write_public(ca_copy, ca_cert.public_bytes(serialization.Encoding.PEM))
     return IssuedCertificate(
         cert_file=cert_path,
         key_file=key_path,
-        ca_file=ca_copy,
+        ca_file=ca_file,
         certificate_sha256=certificate_sha256(cert),
         public_key_sha256=public_key_sha256(cert),
     )

@@ -5,6 +5,9 @@ data set from the file) when the destination accepts the stored transfer syntax.
 does not, the instance is decoded and sent in an uncompressed syntax it accepted
 (decompressing compressed pixel data); an instance that fits no accepted syntax fails
 with that reason.
+
+A destination with a ``tls`` table is reached over TLS (PS3.15 B.9): its certificate is
+verified against its CA and name, and against its public key pin before any DIMSE message.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,8 +29,10 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from gateway.config import DestinationConfig
+from gateway.crypto.tls import check_pin
 from gateway.dicom.contexts import UNCOMPRESSED
-from gateway.errors import PermanentError, RetryableError
+from gateway.dicom.tls import destination_context
+from gateway.errors import IntegrityError, PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,7 @@ class StoreSCU:
     def __init__(self, dest: DestinationConfig, *, calling_ae_title: str) -> None:
         self.dest = dest
         self.calling_ae_title = dest.calling_ae_title or calling_ae_title
+        self.tls_args = destination_context(dest)  # CryptoError names a file that won't load
 
     @contextlib.contextmanager
     def associate(self, files: Sequence[OutgoingFile]) -> Iterator[Callable[[OutgoingFile], int]]:
@@ -100,6 +107,7 @@ class StoreSCU:
             ae_title=self.dest.ae_title,
             max_pdu=self.dest.max_pdu_size,
             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+            tls_args=self.tls_args,
         )
         if not assoc.is_established:
             if assoc.is_rejected:
@@ -115,7 +123,13 @@ class StoreSCU:
                 raise RetryableError(reason)
             if assoc.is_aborted:
                 raise RetryableError("association aborted by the destination")
+            if self.tls_args is not None:
+                raise RetryableError(
+                    "destination unreachable (connection refused, timed out or TLS handshake "
+                    "failed: certificate not trusted or not for this name)"
+                )
             raise RetryableError("destination unreachable (connection refused or timed out)")
+        self._check_pin(assoc)
         accepted: dict[str, set[str]] = {}
         for cx in assoc.accepted_contexts:
             accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
@@ -147,6 +161,19 @@ class StoreSCU:
         else:
             if assoc.is_established:
                 assoc.release()
+
+    def _check_pin(self, assoc: Any) -> None:
+        pin = self.dest.tls.pin_sha256 if self.dest.tls is not None else ""
+        if not pin:
+            return
+        sock = getattr(assoc.dul.socket, "socket", None)
+        try:
+            if not isinstance(sock, ssl.SSLSocket):
+                raise IntegrityError("no TLS socket to check the destination's pin against")
+            check_pin(sock, public_key=pin)
+        except IntegrityError as exc:
+            assoc.abort()
+            raise PermanentError(f"destination certificate refused: {exc}") from exc
 
     def _send_converted(self, assoc: Any, f: OutgoingFile, syntaxes: set[str]) -> Any:
         try:

@@ -4,10 +4,14 @@ This module is the boundary between pynetdicom and the rest of the node. It
 
 * receives C-STORE data sets in chunks to a file in the spool's ``incoming`` folder, so
   memory stays bounded whatever the instance size;
+* listens on a plain port, a TLS port (PS3.15 B.9, 2762 by convention) or both; the TLS
+  handshake runs on the connection's own thread with a deadline, never on the accept
+  thread (pynetdicom's ``get_request`` would let one silent client stall every other);
 * wraps every accepted socket in :class:`~gateway.dicom.guard.GuardedSocket`;
 * applies the admission policy (called AE, calling AE allowlist bound to addresses,
   global and per-address limits) before pynetdicom negotiates, answering with the
-  PS3.8 9.3.4 A-ASSOCIATE-RJ result, source and reason;
+  PS3.8 9.3.4 A-ASSOCIATE-RJ result, source and reason, including calling AE titles bound
+  to client certificate names;
 * turns the gateway's exceptions into DIMSE statuses, in :meth:`DicomServer._store` only.
 """
 
@@ -18,11 +22,11 @@ import errno
 import ipaddress
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,6 +82,8 @@ class AssociationListener(Protocol):
 
     def echo(self, info: AssociationInfo) -> None: ...
 
+    def security_event(self, address: str, reason: str, detail: str = "") -> None: ...
+
     def store(self, info: AssociationInfo, request: StoreRequest) -> int: ...
 
     def store_failed(
@@ -99,6 +105,21 @@ class Admission:
             )
             for a in cfg.allow
         ]
+        self._names_by_ae: dict[str, set[str]] = {}
+        self._aes_by_name: dict[str, set[str]] = {}
+        for b in cfg.tls_bindings:
+            self._names_by_ae.setdefault(b.calling_ae.strip(), set()).add(b.certificate_name)
+            self._aes_by_name.setdefault(b.certificate_name, set()).add(b.calling_ae.strip())
+
+    def certificate_mismatch(self, calling: str, certificate_names: frozenset[str] | None) -> bool:
+        """A bound calling AE without one of its certificates, or a bound certificate
+        calling with an AE title not bound to it (``None``: not over TLS, no certificate)."""
+        names = certificate_names or frozenset()
+        bound_names = self._names_by_ae.get(calling)
+        if bound_names is not None and not names & bound_names:
+            return True
+        bound_aes = {ae for n in names for ae in self._aes_by_name.get(n, ())}
+        return bool(bound_aes) and calling not in bound_aes
 
     def check(
         self,
@@ -108,6 +129,7 @@ class Admission:
         address: str,
         established_total: int,
         established_from_address: int,
+        certificate_names: frozenset[str] | None = None,
     ) -> tuple[tuple[int, int, int], str] | None:
         if called not in self.called_titles:
             return REJECT_CALLED_AE, "called-ae-not-recognized"
@@ -129,6 +151,8 @@ class Admission:
             break
         if not allowed:
             return REJECT_CALLING_AE, "calling-ae-not-allowed"
+        if self.certificate_mismatch(calling, certificate_names):
+            return REJECT_CALLING_AE, "certificate-ae-mismatch"
         if established_total >= self.cfg.max_associations:
             return REJECT_LIMIT, "association-limit"
         if established_from_address >= self.cfg.max_associations_per_address:
@@ -171,6 +195,7 @@ class _GatewayACSE(ACSE):
             address=address,
             established_total=len(peers),
             established_from_address=len(same),
+            certificate_names=getattr(self.assoc, "gateway_certificate_names", None),
         )
         if verdict is not None:
             rsd, reason = verdict
@@ -203,14 +228,20 @@ class DicomServer:
         *,
         incoming_dir: Path,
         on_security_event: Callable[[str], None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls_context`` (a :func:`gateway.crypto.tls.server_context`) opens the TLS
+        listener on ``cfg.tls.port``; the plain one runs unless ``cfg.tls.plain`` is false."""
         self.cfg = cfg
         self.listener = listener
         self.admission = Admission(cfg)
         self.incoming_dir = incoming_dir
         self._on_security_event = on_security_event or (lambda _r: None)
-        self._server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+        self._tls_context = tls_context
+        self._servers: list[ThreadedAssociationServer] = []
+        self._tls_server: ThreadedAssociationServer | None = None
+        self._handshaking = 0  # TLS connections not yet through their handshake
+        self._handshaking_lock = threading.Lock()
         configure_pynetdicom(incoming_dir)
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = cfg.max_pdu_size
@@ -226,19 +257,39 @@ class DicomServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        """The plain listener's port (the TLS one's when there is no plain listener)."""
+        assert self._servers
+        return int(self._servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        if self._tls_server is None:
+            return None
+        return int(self._tls_server.server_address[1])
 
     def start(self) -> None:
         server_self = self
 
         class Handler(RequestHandler):
+            certificate_names: frozenset[str] | None = None
+
+            def handle(self) -> None:
+                context = getattr(self.server, "gateway_tls_context", None)
+                if context is not None:
+                    tls = server_self._handshake(context, self.request, self.client_address)
+                    if tls is None:
+                        return
+                    self.request = tls
+                    self.certificate_names = certificate_names(tls.getpeercert())
+                super().handle()
+
             def _create_association(self) -> Any:
                 # pynetdicom's RequestHandler._create_association, with our socket and ACSE
                 assoc = Association(self.ae, MODE_ACCEPTOR)
                 assoc._server = self.server
                 assoc.name = f"AcceptorThread@{new_id()[:8]}"
                 assoc.gateway_id = new_id()[:16]  # type: ignore[attr-defined]
+                assoc.gateway_certificate_names = self.certificate_names  # type: ignore[attr-defined]
                 assoc.acse = _GatewayACSE(assoc, server_self)
                 with contextlib.suppress(OSError):
                     self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -261,7 +312,9 @@ class DicomServer:
                 assoc.acceptor.address_info = self.local
                 assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
                 assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-                assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+                # shared, not deep-copied: negotiation only reads them, and a copy of ~200
+                # contexts x ~35 syntaxes costs ~170 ms CPU for every TCP connection
+                assoc.acceptor.supported_contexts = self.server.contexts
                 assoc.requestor.address_info = self.remote
                 bound_handlers: dict[Any, Any] = self.server._handlers
                 for event, bound in bound_handlers.items():
@@ -273,12 +326,17 @@ class DicomServer:
                 return assoc
 
         class Server(ThreadedAssociationServer):
+            gateway_tls_context: ssl.SSLContext | None = None
+
             def process_request(self, request: Any, client_address: Any) -> None:
                 live = [a for a in server_self.ae.active_associations if a.is_acceptor]
-                if len(live) >= server_self.cfg.max_connections:
+                if len(live) + server_self._handshaking >= server_self.cfg.max_connections:
                     server_self._on_security_event("connection-limit")
                     self.shutdown_request(request)
                     return
+                if self.gateway_tls_context is not None:
+                    with server_self._handshaking_lock:
+                        server_self._handshaking += 1  # until _handshake ends
                 super().process_request(request, client_address)
 
         handlers: list[Any] = [
@@ -288,31 +346,71 @@ class DicomServer:
             (evt.EVT_ABORTED, self._peer_aborted),
             (evt.EVT_FSM_TRANSITION, self._transition),
         ]
-        server = Server(
-            self.ae,
-            (self.cfg.host, self.cfg.port),
-            self.cfg.ae_title,
-            scp_contexts(),
-            None,
-            evt_handlers=handlers,
-            request_handler=Handler,
-        )
-        self.ae._servers.append(server)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="dicom-accept",
-            daemon=True,
-        )
-        self._thread.start()
+        listeners: list[tuple[int, ssl.SSLContext | None]] = []
+        if self._tls_context is None or self.cfg.tls.plain:
+            listeners.append((self.cfg.port, None))
+        if self._tls_context is not None:
+            listeners.append((self.cfg.tls.port, self._tls_context))
+        for port, context in listeners:
+            # ssl_context stays None: pynetdicom would handshake on the accept thread
+            server = Server(
+                self.ae,
+                (self.cfg.host, port),
+                self.cfg.ae_title,
+                scp_contexts(),
+                None,
+                evt_handlers=handlers,
+                request_handler=Handler,
+            )
+            server.gateway_tls_context = context
+            self.ae._servers.append(server)
+            self._servers.append(server)
+            if context is not None:
+                self._tls_server = server
+        for listening in self._servers:  # every port is bound before any accepts
+            threading.Thread(
+                target=listening.serve_forever,
+                kwargs={"poll_interval": 0.2},
+                name="dicom-accept-tls" if listening is self._tls_server else "dicom-accept",
+                daemon=True,
+            ).start()
+
+    def _handshake(
+        self, context: ssl.SSLContext, sock: socket.socket, client_address: Any
+    ) -> ssl.SSLSocket | None:
+        """The server side of the TLS handshake, on the connection's thread, within
+        ``tls.handshake_timeout`` s in all (CPython's ``do_handshake`` keeps one deadline
+        across its reads). A failure closes the connection and is audited."""
+        address = str(client_address[0])
+        tls: ssl.SSLSocket | None = None
+        try:
+            tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            tls.settimeout(self.cfg.tls.handshake_timeout)
+            tls.do_handshake()
+            tls.settimeout(None)  # from here GuardedSocket sets its own per-PDU deadlines
+            return tls
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            detail = _handshake_error(exc)
+            with contextlib.suppress(OSError):
+                (tls or sock).close()
+            log.info("TLS handshake failed", extra={"address": address, "reason": detail})
+            self._on_security_event("tls-handshake-failed")
+            try:
+                self.listener.security_event(address, "tls-handshake-failed", detail)
+            except Exception:  # connection thread boundary: auditing the refusal failed
+                log.exception("TLS handshake failure audit failed")
+            return None
+        finally:
+            with self._handshaking_lock:
+                self._handshaking -= 1
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, let associations in progress finish for ``grace`` s, then abort."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
+        self._tls_server = None
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(
             a.is_acceptor and a.is_alive() for a in self.ae.active_associations
@@ -385,6 +483,25 @@ class DicomServer:
         except Exception:  # association boundary: auditing the failure itself failed
             log.exception("C-STORE failure audit failed")
         return code
+
+
+def certificate_names(peer_certificate: Any) -> frozenset[str]:
+    """The subject CN(s) and every SAN value of a verified peer certificate
+    (``SSLSocket.getpeercert()``; empty when the peer presented none)."""
+    names: set[str] = set()
+    for rdn in (peer_certificate or {}).get("subject", ()):
+        names.update(str(value) for key, value in rdn if key == "commonName")
+    names.update(str(value) for _kind, value in (peer_certificate or {}).get("subjectAltName", ()))
+    return frozenset(names)
+
+
+def _handshake_error(exc: BaseException) -> str:
+    """A short, bounded reason for the audit log (OpenSSL's reason code, never peer bytes)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or "ssl-error").lower().replace("_", "-")
+    return "connection-closed"
 
 
 def configure_pynetdicom(incoming_dir: Path) -> None:

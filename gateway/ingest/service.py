@@ -128,6 +128,18 @@ class IngestService:
             )
         )
 
+    def security_event(self, address: str, reason: str, detail: str = "") -> None:
+        """A refusal before any association exists (a failed TLS handshake); the metric is
+        counted by the server's ``on_security_event``."""
+        self._audit(
+            AuditRecord(
+                "security",
+                "failure",
+                address=address,
+                detail={"reason": reason, "error": detail} if detail else {"reason": reason},
+            )
+        )
+
     def echo(self, info: AssociationInfo) -> None:
         self._audit(
             AuditRecord(

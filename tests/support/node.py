@@ -44,7 +44,10 @@ def render_toml(sections: dict[str, Any]) -> str:
             tables = {
                 k: v
                 for k, v in body.items()
-                if isinstance(v, list) and v and isinstance(v[0], dict) and k == "allow"
+                if isinstance(v, list)
+                and v
+                and isinstance(v[0], dict)
+                and k in ("allow", "tls_bindings")
             }
             out.append(f"[{name}]")
             out += [f"{k} = {toml_value(v)}" for k, v in body.items() if k not in tables]
@@ -83,6 +86,11 @@ class GatewayNode:
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
+        # with dicom={"tls": {...}}: the TLS listener's port (one is allocated unless given)
+        self.tls_port: int | None = None
+        if dicom and "tls" in dicom:
+            self.tls_port = int(dicom["tls"].get("port") or free_port())
+            dicom = {**dicom, "tls": {**dicom["tls"], "port": self.tls_port}}
         self.ae_title = ae_title
         self.config_path = root / "gateway.toml"
         self.log_path = root / "node.log"
