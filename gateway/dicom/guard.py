@@ -16,6 +16,7 @@ as the transport closing.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import struct
 import time
@@ -26,6 +27,9 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
 _OTHER_CAP = 65536
+# Before its first PDU a connection has nothing to send, so pynetdicom's 1 ms poll of it may
+# wait in select() instead: 50 idle connections otherwise keep a CPU core busy.
+_IDLE_WAIT = 0.05
 _FIXED = {0x05: 4, 0x06: 4, 0x07: 4}
 
 
@@ -56,16 +60,34 @@ class GuardedSocket(AssociationSocket):
         self._on_violation = on_violation
         self._expect_body: int | None = None
         self._deadline = 0.0
+        self._violated = False
+        self._first_pdu_seen = False
+
+    @property
+    def ready(self) -> bool:
+        # After a violation nothing more is read: the rest is the same peer's garbage, and
+        # reading it would audit the same connection again for every 6 bytes of it.
+        if self._violated:
+            return False
+        sock = self.socket
+        if not self._first_pdu_seen and sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                select.select([sock], [], [], _IDLE_WAIT)
+        return bool(super().ready)
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if self._violated:
+            raise OSError("closed after a violation")
         if self._expect_body is None:
             # A header: the PDU's deadline starts with its first byte.
+            self._first_pdu_seen = True
             self._deadline = time.monotonic() + self._timeout
             data = self._read_exact(nr_bytes)
             if len(data) == 6:
                 pdu_type, _, length = struct.unpack(">BBL", bytes(data))
                 self._check(pdu_type, length)
-                self._expect_body = length
+                if 0x01 <= pdu_type <= 0x07:  # pynetdicom reads no body of an unknown type
+                    self._expect_body = length
             return data
         self._expect_body = None
         return self._read_exact(nr_bytes)
@@ -81,6 +103,7 @@ class GuardedSocket(AssociationSocket):
             self._violation(f"pdu-too-large type=0x{pdu_type:02x}")
 
     def _violation(self, reason: str) -> None:
+        self._violated = True
         sock = self.socket
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -259,7 +259,7 @@ class DicomServer:
     def port(self) -> int:
         """The plain listener's port (the TLS one's when there is no plain listener)."""
         assert self._servers
-        return int(self._servers[0].server_address[1])
+        return int(self._servers[-1].server_address[1])
 
     @property
     def tls_port(self) -> int | None:
@@ -326,6 +326,9 @@ class DicomServer:
                 return assoc
 
         class Server(ThreadedAssociationServer):
+            # listen() backlog: socketserver's 5 makes a burst of connects wait for SYN
+            # retransmits (1 s, 3 s, ...) while the accept loop catches up
+            request_queue_size = 128
             gateway_tls_context: ssl.SSLContext | None = None
 
             def process_request(self, request: Any, client_address: Any) -> None:
@@ -346,18 +349,20 @@ class DicomServer:
             (evt.EVT_ABORTED, self._peer_aborted),
             (evt.EVT_FSM_TRANSITION, self._transition),
         ]
+        # TLS first: once the plain port accepts, both are bound
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
-        if self._tls_context is None or self.cfg.tls.plain:
-            listeners.append((self.cfg.port, None))
         if self._tls_context is not None:
             listeners.append((self.cfg.tls.port, self._tls_context))
+        if self._tls_context is None or self.cfg.tls.plain:
+            listeners.append((self.cfg.port, None))
+        contexts = scp_contexts()
         for port, context in listeners:
             # ssl_context stays None: pynetdicom would handshake on the accept thread
             server = Server(
                 self.ae,
                 (self.cfg.host, port),
                 self.cfg.ae_title,
-                scp_contexts(),
+                contexts,
                 None,
                 evt_handlers=handlers,
                 request_handler=Handler,
@@ -504,6 +509,10 @@ def _handshake_error(exc: BaseException) -> str:
     return "connection-closed"
 
 
+def _any_uid_text(value: object) -> tuple[bool, str]:
+    return isinstance(value, str), "must be a str"
+
+
 def configure_pynetdicom(incoming_dir: Path) -> None:
     """Process-wide pynetdicom settings the node relies on.
 
@@ -515,6 +524,9 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
+    # pynetdicom refuses a UID over 64 characters while decoding a command set and aborts
+    # the association; the gateway checks UIDs itself and answers 0x0117 (PS3.7 C.4.2).
+    _config.VALIDATORS["UI"] = _any_uid_text
     incoming_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(incoming_dir)
     dimse_messages.NamedTemporaryFile = _ReceiveBuffer  # type: ignore[attr-defined,assignment]

@@ -61,9 +61,10 @@ def _raw_elements(ds: Dataset) -> Iterator[DataElement | RawDataElement]:
 
 
 def _check_extent(ds: Dataset, size: int) -> None:
-    """Deferred values must lie inside the file: a declared length past the end is a lie."""
+    """Values must lie inside the file: a declared length past the end is a lie. Deferred
+    values are not read yet; pydicom reads a short value without complaint."""
     for elem in _raw_elements(ds):
-        if isinstance(elem, RawDataElement) and elem.value is None:
+        if isinstance(elem, RawDataElement):
             if elem.length != 0xFFFFFFFF and elem.value_tell + elem.length > size:
                 raise IngestError(st.CANNOT_UNDERSTAND, "dataset-truncated")
 

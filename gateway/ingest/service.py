@@ -205,7 +205,8 @@ class IngestService:
             self.spool.delete(obj.key)
         if outcome == "rejected-duplicate":
             self.metrics.instances_received.labels(self._called_label(info), "rejected").inc()
-            raise IngestError(st.DUPLICATE_SOP_INSTANCE, "duplicate-with-different-content")
+            # audited in _index's transaction; raising would audit and count it a second time
+            return st.DUPLICATE_SOP_INSTANCE
         self.metrics.instances_received.labels(self._called_label(info), outcome).inc()
         if outcome == "stored":
             self.metrics.bytes_received.labels(self._called_label(info)).inc(size)
