@@ -100,13 +100,14 @@ class StoreSCU:
             for ts in sorted(syntaxes - _UNCOMPRESSED):
                 contexts.append(build_context(sop_class, [ts]))
             contexts.append(build_context(sop_class, [str(t) for t in UNCOMPRESSED]))
+        opened: list[Any] = []  # EVT_CONN_OPEN: connected (and, with TLS, handshake done)
         assoc = ae.associate(
             self.dest.host,
             self.dest.port,
             contexts=contexts,
             ae_title=self.dest.ae_title,
             max_pdu=self.dest.max_pdu_size,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, opened.append)],
             tls_args=self.tls_args,
         )
         if not assoc.is_established:
@@ -121,13 +122,14 @@ class StoreSCU:
                 if result == 0x01:
                     raise PermanentError(reason)
                 raise RetryableError(reason)
+            if not opened and self.tls_args is not None:
+                raise RetryableError(
+                    "destination unreachable (connection refused or timed out) or the TLS "
+                    "handshake failed (its certificate not trusted or not for this name, or "
+                    "ours refused)"
+                )
             if assoc.is_aborted:
                 raise RetryableError("association aborted by the destination")
-            if self.tls_args is not None:
-                raise RetryableError(
-                    "destination unreachable (connection refused, timed out or TLS handshake "
-                    "failed: certificate not trusted or not for this name)"
-                )
             raise RetryableError("destination unreachable (connection refused or timed out)")
         self._check_pin(assoc)
         accepted: dict[str, set[str]] = {}
