@@ -298,6 +298,11 @@ def _check_tls(name: str, cfg: model.GatewayConfig) -> None:
         )
     if (tls.cert_file is None) != (tls.key_file is None):
         raise ConfigError(name, "dicom.tls.key_file", "cert_file and key_file given together")
+    for i, binding in enumerate(cfg.dicom.tls_bindings):
+        if binding.calling_ae.strip() == "*":
+            raise ConfigError(
+                name, f"dicom.tls_bindings[{i}].calling_ae", "one AE title (no wildcard here)"
+            )
     for i, dest in enumerate(cfg.destinations):
         if dest.tls is not None and (dest.tls.cert_file is None) != (dest.tls.key_file is None):
             raise ConfigError(
