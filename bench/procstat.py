@@ -128,13 +128,18 @@ class TreeMonitor:
         return Usage(cpu_seconds=cpu, peak_rss_mib=self._peak_kib / 1024, samples=self._samples)
 
 
-def wait_idle(root: int, settle: float = 0.3, timeout: float = 10.0) -> None:
-    """Wait until ``root``'s tree has used no CPU for ``settle`` seconds (start-up finished)."""
-    deadline = time.monotonic() + timeout
+def wait_idle(
+    root: int, settle: float = 0.3, busy_fraction: float = 0.2, timeout: float = 15.0
+) -> float:
+    """Wait until ``root``'s tree used under ``busy_fraction`` of a core over ``settle``
+    seconds (its start-up is over; a node polling its index is never at zero).  Returns the
+    seconds waited."""
+    start = time.monotonic()
     last = cpu_seconds(root)
-    while time.monotonic() < deadline:
+    while time.monotonic() - start < timeout:
         time.sleep(settle)
         now = cpu_seconds(root)
-        if now - last < 0.01:
-            return
+        if now - last < busy_fraction * settle:
+            break
         last = now
+    return time.monotonic() - start

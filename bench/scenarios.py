@@ -298,6 +298,8 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
             middle.start()
         target: Receiver = middle if middle is not None else dest
         wait_idle(dest.pid)
+        if middle is not None:
+            wait_idle(middle.pid)
         monitor = TreeMonitor(middle.pid).start() if middle is not None else None
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
