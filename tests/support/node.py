@@ -76,6 +76,7 @@ class GatewayNode:
         ingest: dict[str, Any] | None = None,
         worker: dict[str, Any] | None = None,
         deid: dict[str, Any] | None = None,
+        database: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         wrapper: Sequence[str] = (),
     ) -> None:
@@ -107,7 +108,7 @@ class GatewayNode:
                 **(dicom or {}),
             },
             "ingest": {"spool_min_free_bytes": 0, **(ingest or {})},
-            "database": {"url": database_url},
+            "database": {"url": database_url, **(database or {})},
             "metrics": {"enabled": True, "host": "127.0.0.1", "port": self.metrics_port},
             "worker": {
                 "poll_interval": 0.2,
