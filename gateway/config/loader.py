@@ -16,6 +16,7 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
+from urllib.parse import urlsplit
 
 from gateway.config import model
 from gateway.config.rules import Condition, RuleError, parse_condition
@@ -45,6 +46,8 @@ _POSITIVE_KEYS = frozenset(
         "routing_interval",
         "connect_timeout",
         "handshake_timeout",
+        "timeout",
+        "max_package_bytes",
     }
 )
 _NON_NEGATIVE_KEYS = frozenset({"spool_min_free_bytes", "quiet_seconds"})
@@ -227,6 +230,23 @@ def _check_pin(builder: _Builder, value: str, key: str) -> None:
         raise builder.fail(key, '64 lowercase hex digits (SHA-256 of the public key) or ""')
 
 
+def _check_peer_name(builder: _Builder, value: str, key: str) -> None:
+    if value:
+        _check_name(builder, value, key)
+
+
+def _check_url(builder: _Builder, value: str, key: str) -> None:
+    if not (key == "peer.url" or key.startswith("peers[")) or (value == "" and key == "peer.url"):
+        return
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "https" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise builder.fail(key, "an https://HOST:PORT URL (the peer endpoint, TLS only)")
+
+
 _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "ae_title": _check_ae,
     "called_ae": _check_ae,
@@ -239,6 +259,8 @@ _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "certificate_name": _check_certificate_name,
     "server_name": _check_server_name,
     "pin_sha256": _check_pin,
+    "peer": _check_peer_name,
+    "url": _check_url,
 }
 
 
@@ -257,6 +279,11 @@ def _join(key: str, name: str) -> str:
 
 
 def _check_references(name: str, cfg: model.GatewayConfig) -> None:
+    peer_names: set[str] = set()
+    for i, peer in enumerate(cfg.peers):
+        if peer.name in peer_names:
+            raise ConfigError(name, f"peers[{i}].name", f"a unique name ('{peer.name}' repeats)")
+        peer_names.add(peer.name)
     seen: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         if dest.name in seen:
@@ -264,7 +291,14 @@ def _check_references(name: str, cfg: model.GatewayConfig) -> None:
                 name, f"destinations[{i}].name", f"a unique name ('{dest.name}' repeats)"
             )
         seen.add(dest.name)
-        if not dest.ae_title:
+        if dest.type == "peer":
+            if dest.peer not in peer_names:
+                raise ConfigError(
+                    name,
+                    f"destinations[{i}].peer",
+                    f"the name of a [[peers]] entry ('{dest.peer}' is not defined)",
+                )
+        elif not dest.ae_title:
             raise ConfigError(name, f"destinations[{i}].ae_title", "the destination's AE title")
     route_names: set[str] = set()
     for i, route in enumerate(cfg.routes):

@@ -14,6 +14,7 @@ from gateway.config.rules import Condition, MatchAll
 
 DuplicatePolicy = Literal["keep-both", "reject"]
 RouteMode = Literal["study", "stream"]
+HpkeSuiteName = Literal["x25519", "mlkem768-x25519"]
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,34 @@ class DestinationTLSConfig:
 
 
 @dataclass(frozen=True)
+class PeerServerConfig:
+    """The peer endpoint: HTTPS with mutual TLS that receives sealed packages from peers."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8443
+    url: str = ""  # "": https://<host>:<port>, what `peers export` tells other nodes
+    suite: HpkeSuiteName = "x25519"  # the HPKE suite packages this node sends are sealed with
+    allow_tls12: bool = False
+    handshake_timeout: float = 10.0
+    max_package_bytes: int = 4294967296
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """A trusted peer node: its name, endpoint and the folder holding its exported material."""
+
+    name: str
+    url: str
+    dir: Path | None = None  # None: <state_dir>/peers/<name> (made by `peers add`)
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    type: Literal["dicom"] = "dicom"
+    type: Literal["dicom", "peer"] = "dicom"
+    peer: str = ""  # type "peer": the name of a [[peers]] entry
     ae_title: str = ""
     host: str = "127.0.0.1"
     port: int = 104
@@ -163,6 +189,8 @@ class GatewayConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     deid: DeidConfig = field(default_factory=DeidConfig)
+    peer: PeerServerConfig = field(default_factory=PeerServerConfig)
+    peers: tuple[PeerEntry, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
 
@@ -193,6 +221,21 @@ class GatewayConfig:
         if self.database.url:
             return self.database.url
         return f"sqlite:///{self.node.state_dir / 'index.sqlite3'}"
+
+    @property
+    def peer_url(self) -> str:
+        """The URL other nodes reach this node's peer endpoint at."""
+        return self.peer.url or f"https://{self.peer.host}:{self.peer.port}"
+
+    def peer_dir(self, entry: PeerEntry) -> Path:
+        """The folder holding a peer's trusted material (certificate, public keys)."""
+        return entry.dir or self.node.state_dir / "peers" / entry.name
+
+    def peer_entry(self, name: str) -> PeerEntry:
+        for entry in self.peers:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
 
     def destination(self, name: str) -> DestinationConfig:
         for dest in self.destinations:

@@ -213,3 +213,32 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class PeerPackage(Base):
+    """A package received from a peer node and ingested, with the receipt this node signed.
+
+    The package id is unique across senders: the same id from another sender is a replay.
+    """
+
+    __tablename__ = "peer_packages"
+
+    package_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(64))
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[str] = mapped_column(Text)
+    receipt: Mapped[str] = mapped_column(Text)
+    instance_count: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class PeerReceipt(Base):
+    """The signed receipt a peer returned for a delivery this node sent it as a package."""
+
+    __tablename__ = "peer_receipts"
+
+    delivery_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    peer: Mapped[str] = mapped_column(String(64))
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    receipt: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -131,6 +131,8 @@ def _documented_keys() -> set[str]:
         model.DicomTLSConfig,
         model.TLSBinding,
         model.DestinationTLSConfig,
+        model.PeerServerConfig,
+        model.PeerEntry,
     ],
     ids=lambda c: c.__name__,
 )
