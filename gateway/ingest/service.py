@@ -22,7 +22,7 @@ from datetime import datetime
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -327,39 +327,45 @@ class IngestService:
             "study_description": _text(ds, "StudyDescription", 64),
             "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
             "modalities": "",
-            "instance_count": 0,
+            "instance_count": 1,
             "first_received_at": now,
             "last_received_at": now,
         }
-        s.execute(insert(Study).values(**study_values).on_conflict_do_nothing())
-        modality = _text(ds, "Modality", 16)
-        study = s.execute(
-            select(Study)
-            .where(Study.study_instance_uid == header.study_instance_uid)
-            .with_for_update()
-        ).scalar_one()
-        study.instance_count += 1
-        study.last_received_at = now
-        mods = [m for m in study.modalities.split("\\") if m]
-        if modality and modality not in mods:
-            study.modalities = "\\".join([*mods, modality])[:128]
+        study_insert = insert(Study).values(**study_values)
         s.execute(
-            insert(Series)
-            .values(
-                series_instance_uid=header.series_instance_uid,
-                study_instance_uid=header.study_instance_uid,
-                modality=modality,
-                series_number=_text(ds, "SeriesNumber", 12),
-                series_description=_text(ds, "SeriesDescription", 64),
-                instance_count=0,
+            study_insert.on_conflict_do_update(
+                index_elements=[Study.study_instance_uid],
+                set_={
+                    "instance_count": Study.instance_count + 1,
+                    "last_received_at": study_insert.excluded.last_received_at,
+                },
             )
-            .on_conflict_do_nothing()
         )
-        s.execute(
-            update(Series)
-            .where(Series.series_instance_uid == header.series_instance_uid)
-            .values(instance_count=Series.instance_count + 1)
+        modality = _text(ds, "Modality", 16)
+        series_insert = insert(Series).values(
+            series_instance_uid=header.series_instance_uid,
+            study_instance_uid=header.study_instance_uid,
+            modality=modality,
+            series_number=_text(ds, "SeriesNumber", 12),
+            series_description=_text(ds, "SeriesDescription", 64),
+            instance_count=1,
         )
+        new_series = s.execute(
+            series_insert.on_conflict_do_update(
+                index_elements=[Series.series_instance_uid],
+                set_={"instance_count": Series.instance_count + 1},
+            ).returning(Series.instance_count)
+        ).scalar_one()
+        if new_series == 1 and modality:
+            # a new series may bring a new modality to the study (rare: once per series)
+            study = s.execute(
+                select(Study)
+                .where(Study.study_instance_uid == header.study_instance_uid)
+                .with_for_update()
+            ).scalar_one()
+            mods = [m for m in study.modalities.split("\\") if m]
+            if modality not in mods:
+                study.modalities = "\\".join([*mods, modality])[:128]
 
     def _route(
         self,
