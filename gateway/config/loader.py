@@ -48,6 +48,7 @@ _POSITIVE_KEYS = frozenset(
         "handshake_timeout",
         "timeout",
         "max_package_bytes",
+        "max_results",
     }
 )
 _NON_NEGATIVE_KEYS = frozenset({"spool_min_free_bytes", "quiet_seconds"})
@@ -186,12 +187,17 @@ def _no_check(builder: _Builder, value: str, key: str) -> None:
 
 
 def _check_ae(builder: _Builder, value: str, key: str) -> None:
-    if value == "" and key.endswith("calling_ae_title"):
+    if value == "" and key.endswith(("calling_ae_title", "retrieve_ae_title")):
         return
     if value == "*" and ".calling_ae[" in key:
         return
     if not is_valid_ae_title(value):
         raise builder.fail(key, "an AE title: 1-16 printable ASCII characters, no backslash")
+
+
+def _check_caller(builder: _Builder, value: str, key: str) -> None:
+    if value != "*" and not is_valid_ae_title(value):
+        raise builder.fail(key, "an AE title (1-16 printable ASCII characters) or '*'")
 
 
 def _check_address(builder: _Builder, value: str, key: str) -> None:
@@ -253,6 +259,9 @@ _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "calling_ae": _check_calling_ae,
     "calling_ae_title": _check_ae,
     "addresses": _check_address,
+    "allowed_callers": _check_caller,
+    "allowed_addresses": _check_address,
+    "retrieve_ae_title": _check_ae,
     "name": _check_name,
     "destinations": _check_name,
     "profile": _check_profile_name,

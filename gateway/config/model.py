@@ -180,6 +180,42 @@ class DeidConfig:
 
 
 @dataclass(frozen=True)
+class MoveDestinationConfig:
+    """An AE a C-MOVE may name as its Move Destination (PS3.4 C.4.2.1.4.1)."""
+
+    name: str
+    ae_title: str
+    host: str = "127.0.0.1"
+    port: int = 104
+    allowed_callers: tuple[str, ...] = ("*",)  # calling AE titles that may move to it
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """A PACS the node queries and retrieves from on behalf of its callers."""
+
+    ae_title: str
+    host: str = "127.0.0.1"
+    port: int = 104
+    calling_ae_title: str = ""  # "": dicom.ae_title; also the Move Destination it knows us by
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class QRConfig:
+    """Query/retrieve SCP (PS3.4 Annex C) on the node's index, optionally an upstream PACS."""
+
+    enabled: bool = True
+    allowed_callers: tuple[str, ...] = ("*",)
+    allowed_addresses: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    max_results: int = 1000
+    retrieve_ae_title: str = ""  # "": dicom.ae_title
+    move_to_destinations: bool = False
+    move_destinations: tuple[MoveDestinationConfig, ...] = ()
+    upstream: UpstreamConfig | None = None
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: Path
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -193,6 +229,7 @@ class GatewayConfig:
     peers: tuple[PeerEntry, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    qr: QRConfig = field(default_factory=QRConfig)
 
     @property
     def state_dir(self) -> Path:

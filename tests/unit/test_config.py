@@ -133,6 +133,9 @@ def _documented_keys() -> set[str]:
         model.DestinationTLSConfig,
         model.PeerServerConfig,
         model.PeerEntry,
+        model.QRConfig,
+        model.MoveDestinationConfig,
+        model.UpstreamConfig,
     ],
     ids=lambda c: c.__name__,
 )
