@@ -86,9 +86,12 @@ class Report:
     options_acted: set[str] = field(default_factory=set)
     method_codes: list[str] = field(default_factory=list)
     longitudinal_temporal_information: str = "REMOVED"
+    pixels: dict[str, Any] | None = None  # Clean Pixel Data, when the profile has it
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.pixels is None else {"pixels": self.pixels}
         return {
+            **extra,
             "profile": self.profile,
             "profile_sha256": self.profile_sha256,
             "edition": self.edition,

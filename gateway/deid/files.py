@@ -18,9 +18,11 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from gateway.deid.burned_in import CLEAN_PIXEL_DATA_CODE, clean_instance
 from gateway.deid.engine import Report, deidentify
 from gateway.deid.keys import ProjectKey
 from gateway.deid.leak import leak_check
+from gateway.deid.ocr import OcrEngine, default_engine
 from gateway.deid.profiles import Profile
 from gateway.errors import DeidError, LeakError
 
@@ -32,13 +34,24 @@ class DeidResult:
     report: Report
 
 
-def deidentify_bytes(data: bytes, profile: Profile, key: ProjectKey) -> tuple[bytes, str, Report]:
-    """De-identify an encoded instance; return (output bytes, new SOP Instance UID, report)."""
+def deidentify_bytes(
+    data: bytes, profile: Profile, key: ProjectKey, *, ocr: OcrEngine | None = None
+) -> tuple[bytes, str, Report]:
+    """De-identify an encoded instance; return (output bytes, new SOP Instance UID, report).
+
+    With a profile that has Clean Pixel Data (``[pixels]``), burned-in text is cleaned and
+    checked by OCR (``ocr``, default: the process's shared engine) before the output is written.
+    """
     try:
         original = dcmread(BytesIO(data), force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise DeidError(f"input does not parse as DICOM: {type(exc).__name__}") from None
     out, report = deidentify(original, profile, key)
+    if profile.pixels is not None:
+        pixel_report = clean_instance(original, out, profile, engine=ocr or default_engine())
+        report.pixels = pixel_report.to_dict()
+        if pixel_report.ocr_passed:
+            report.method_codes.append(CLEAN_PIXEL_DATA_CODE)
     buf = BytesIO()
     try:
         out.save_as(buf, enforce_file_format=True)
@@ -52,14 +65,19 @@ def deidentify_bytes(data: bytes, profile: Profile, key: ProjectKey) -> tuple[by
 
 
 def deidentify_file(
-    src: str | os.PathLike[str], out_dir: str | os.PathLike[str], profile: Profile, key: ProjectKey
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    profile: Profile,
+    key: ProjectKey,
+    *,
+    ocr: OcrEngine | None = None,
 ) -> DeidResult:
     """De-identify the file ``src`` into ``out_dir/<new SOP Instance UID>.dcm``."""
     try:
         data = Path(src).read_bytes()
     except OSError as exc:
         raise DeidError(f"cannot read input: {exc.strerror}") from None
-    encoded, uid, report = deidentify_bytes(data, profile, key)
+    encoded, uid, report = deidentify_bytes(data, profile, key, ocr=ocr)
     target_dir = Path(out_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{uid}.dcm"

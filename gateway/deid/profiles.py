@@ -22,6 +22,7 @@ from pydicom.datadict import tag_for_keyword
 
 from gateway.deid import choices
 from gateway.deid.keys import validate_format
+from gateway.deid.pixel_rules import PixelOptions, parse_pixel_options
 from gateway.deid.table import OPTIONS, ROWS
 from gateway.errors import ProfileError
 
@@ -32,7 +33,7 @@ VRS = frozenset(
 )
 _TABLE_KEYWORDS = {r.keyword: t for t, r in ROWS.items() if r.keyword}
 _TAG_TEXT = re.compile(r"^\(?\s*([0-9A-Fa-fXx]{4})\s*,\s*([0-9A-Fa-fXx]{4})\s*\)?$")
-_TOP_KEYS = {"name", "description", "edition", "options", "pseudonyms", "dates", "item"}
+_TOP_KEYS = {"name", "description", "edition", "options", "pseudonyms", "dates", "item", "pixels"}
 _ITEM_KEYS = {"name", "tag", "tags", "private", "vr", "action", "value", "when"}
 
 
@@ -74,6 +75,7 @@ class Profile:
     patient_id_format: str = "PID-{digest:12}"
     patient_name_format: str = "ANON^{digest:8}"
     date_shift_days: tuple[int, int] = (-3650, -365)
+    pixels: PixelOptions | None = None  # Clean Pixel Data ([pixels] table with its rule folder)
 
 
 def default_search_dirs() -> list[Path]:
@@ -197,10 +199,19 @@ def parse_profile(text: str, *, path: str = "<profile>", name: str = "profile") 
             items.append(_parse_item(i, it, line))
         except ValueError as exc:
             raise ProfileError(path, line or None, f"item {i + 1}: {exc}") from None
+    pixels = None
+    if "pixels" in doc:
+        try:
+            pixels = parse_pixel_options(doc["pixels"], profile_dir=Path(path).parent)
+        except ValueError as exc:
+            raise fail(str(exc), r"^\s*\[\s*pixels\s*\]") from None
+    digest = hashlib.sha256(text.encode())
+    if pixels is not None:  # the rule library is part of what the profile does
+        digest.update(b"\0pixel-rules\0" + pixels.rules.sha256.encode())
     return Profile(
         name=str(doc.get("name", name)),
         path=path,
-        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        sha256=digest.hexdigest(),
         description=str(doc.get("description", "")),
         options=opts,
         items=tuple(items),
@@ -208,6 +219,7 @@ def parse_profile(text: str, *, path: str = "<profile>", name: str = "profile") 
         patient_id_format=pid_fmt,
         patient_name_format=pname_fmt,
         date_shift_days=(shift[0], shift[1]),
+        pixels=pixels,
     )
 
 
