@@ -111,7 +111,7 @@ def default_engine() -> OcrEngine:
 def to_gray(
     frame: NDArray[Any], photometric: str, *, palette: Dataset | None = None
 ) -> NDArray[np.uint8]:
-    """8-bit grey of one frame for OCR: luminance, stretched, inverted when text is light."""
+    """8-bit grey of one frame for OCR: dark text on white, whatever the input's polarity."""
     a = frame
     if photometric == "PALETTE COLOR" and palette is not None:
         from pydicom.pixels.processing import apply_color_lut
@@ -131,9 +131,13 @@ def to_gray(
     if hi <= lo:
         return np.full(y.shape, 255, dtype=np.uint8)
     g = (y - lo) * (255.0 / (hi - lo))
-    if photometric != "MONOCHROME1":
-        g = 255.0 - g  # annotation is light on dark: tesseract reads dark on light
-    return g.astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        g = 255.0 - g
+    if float(np.median(g)) < 128:
+        # a dark screen with light annotation (ultrasound, consoles, dose screens): light text on
+        # any background band becomes black on white, which tesseract reads best
+        return np.where(g >= 150, 0, 255).astype(np.uint8)
+    return g.astype(np.uint8)  # dark text on a light page
 
 
 def upscale(gray: NDArray[np.uint8], factor: int) -> NDArray[np.uint8]:
