@@ -73,6 +73,20 @@ class RunFailed(RuntimeError):
     """A measurement did not complete correctly (wrong count, sender error, timeout)."""
 
 
+MEASUREMENT_ERRORS = (RuntimeError, OSError, subprocess.TimeoutExpired)
+"""What fails one system's measurement (a receiver that does not start, a refused store, a
+timeout) without stopping the others: RunFailed and tests.support's PeerError are
+RuntimeErrors, TimeoutError is an OSError."""
+
+
+def brief(exc: BaseException) -> str:
+    """One line for the report: the exception's type and its last non-empty line (a node
+    that does not start ends its message with the log's last line, e.g. its ImportError)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{lines[0]} ... {lines[-1]}" if len(lines) > 1 else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {text}".replace("|", "/")[:300]
+
+
 def summarize(runs: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
     """median / min / max of every numeric field of the runs."""
     out: dict[str, dict[str, float]] = {}
@@ -172,9 +186,9 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
                     label = f"ingest-{name}-{conc}-{system}-{rep}"
                     try:
                         result = _ingest_once(settings, system, ds, conc, label)
-                    except RunFailed as exc:
-                        errors[system] = str(exc)
-                        settings.failures.append(f"ingest {name} x{conc} {system}: {exc}")
+                    except MEASUREMENT_ERRORS as exc:
+                        errors[system] = brief(exc)
+                        settings.failures.append(f"ingest {name} x{conc} {system}: {brief(exc)}")
                         settings.log(f"ingest {name:10s} x{conc} {system:22s} FAILED: {exc}")
                         continue
                     settings.log(
@@ -363,9 +377,9 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
                 continue
             try:
                 result = _e2e_once(settings, system, ds, f"e2e-{system}-{rep}")
-            except RunFailed as exc:
-                errors[system] = str(exc)
-                settings.failures.append(f"e2e {system}: {exc}")
+            except MEASUREMENT_ERRORS as exc:
+                errors[system] = brief(exc)
+                settings.failures.append(f"e2e {system}: {brief(exc)}")
                 settings.log(f"e2e    ct x1 {system:15s} FAILED: {exc}")
                 continue
             extra = (

@@ -9,12 +9,14 @@ import time
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
+from gateway.dicom.qr_scu import UpstreamClient
 from gateway.dicom.server import DicomServer
 from gateway.dicom.tls import listener_context
 from gateway.errors import IndexError_
 from gateway.index.db import Database
 from gateway.ingest.service import IngestService
 from gateway.metrics import Metrics
+from gateway.qr.service import QRService
 from gateway.routing.router import Router
 from gateway.spool.store import Spool
 from gateway.transfer.destinations import build_destinations
@@ -58,9 +60,24 @@ class Node:
             incoming_dir=self.spool.incoming,
             on_security_event=lambda kind: self.metrics.security_events.labels(kind).inc(),
             tls_context=listener_context(cfg),
+            query_retrieve=self._query_retrieve(),
         )
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
+
+    def _query_retrieve(self) -> QRService | None:
+        if not self.cfg.qr.enabled:
+            return None
+        upstream = self.cfg.qr.upstream
+        return QRService(
+            self.cfg,
+            db=self.db,
+            spool=self.spool,
+            clock=self.clock,
+            upstream=UpstreamClient(upstream, calling_ae_title=self.cfg.dicom.ae_title)
+            if upstream is not None
+            else None,
+        )
 
     def start(self) -> None:
         check_profiles(self.cfg)

@@ -12,6 +12,7 @@ original, so callers only ever see these classes::
     │   └── SpoolFullError     free space is below the high-water mark, or ENOSPC
     ├── IndexError_            the index database failed (connection, lock, constraint)
     ├── IngestError            an incoming instance is refused; carries a DIMSE status
+    ├── QueryRetrieveError     a C-FIND/C-MOVE/C-GET is refused; carries a DIMSE status
     ├── TransitionError        a delivery state machine was asked for an unlisted transition
     ├── DeliveryError          a delivery attempt failed
     │   ├── RetryableError     the destination may accept later (A7xx, refused, timeout)
@@ -83,6 +84,15 @@ class IndexError_(GatewayError):
 
 class IngestError(GatewayError):
     """An incoming instance is refused; ``status`` is the DIMSE status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"0x{status:04X}: {reason}")
+
+
+class QueryRetrieveError(GatewayError):
+    """A C-FIND, C-MOVE or C-GET is refused; ``status`` is the DIMSE status to answer."""
 
     def __init__(self, status: int, reason: str) -> None:
         self.status = status

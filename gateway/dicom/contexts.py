@@ -50,10 +50,31 @@ def accepted_transfer_syntaxes() -> tuple[str, ...]:
     return tuple(compressed) + tuple(str(t) for t in uncompressed)
 
 
-def scp_contexts() -> list[PresentationContext]:
+# PS3.4 C.6.1.3 / C.6.2.3: Patient Root and Study Root FIND, MOVE and GET
+QUERY_RETRIEVE = (
+    "1.2.840.10008.5.1.4.1.2.1.1",
+    "1.2.840.10008.5.1.4.1.2.1.2",
+    "1.2.840.10008.5.1.4.1.2.1.3",
+    "1.2.840.10008.5.1.4.1.2.2.1",
+    "1.2.840.10008.5.1.4.1.2.2.2",
+    "1.2.840.10008.5.1.4.1.2.2.3",
+)
+
+
+def scp_contexts(*, query_retrieve: bool = False) -> list[PresentationContext]:
+    """With ``query_retrieve``, the Q/R SOP classes too, and storage contexts that accept a
+    C-GET requestor's SCP/SCU Role Selection (PS3.7 D.3.3.4), so sub-operations can be sent
+    back on its association; without a proposal the default roles stay."""
     syntaxes = list(accepted_transfer_syntaxes())
     contexts = [build_context(VERIFICATION, list(UNCOMPRESSED))]
-    contexts += [build_context(uid, syntaxes) for uid in storage_sop_classes()]
+    for uid in storage_sop_classes():
+        cx = build_context(uid, syntaxes)
+        if query_retrieve:
+            cx.scu_role = True
+            cx.scp_role = True
+        contexts.append(cx)
+    if query_retrieve:
+        contexts += [build_context(uid, list(UNCOMPRESSED)) for uid in QUERY_RETRIEVE]
     return contexts
 
 

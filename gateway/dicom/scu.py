@@ -46,6 +46,7 @@ class OutgoingFile:
     sop_instance_uid: str
     transfer_syntax_uid: str
     path: Path
+    study_instance_uid: str = ""  # for the audit of retrieve sub-operations
 
 
 class NoAcceptableSyntax(Exception):
@@ -141,7 +142,7 @@ class StoreSCU:
             if f.transfer_syntax_uid in syntaxes:
                 rsp = assoc.send_c_store(f.path)
             elif syntaxes & _UNCOMPRESSED:
-                rsp = self._send_converted(assoc, f, syntaxes)
+                rsp = send_converted(assoc, f, syntaxes)
             else:
                 raise NoAcceptableSyntax(
                     "destination accepted no transfer syntax for this SOP class"
@@ -177,28 +178,30 @@ class StoreSCU:
             assoc.abort()
             raise PermanentError(f"destination certificate refused: {exc}") from exc
 
-    def _send_converted(self, assoc: Any, f: OutgoingFile, syntaxes: set[str]) -> Any:
-        try:
-            ds = dcmread(f.path)
-            if f.transfer_syntax_uid not in _UNCOMPRESSED:
-                # A change of encoding, not a new instance: the SOP Instance UID stays
-                # (pydicom would otherwise make a new one, and a retry a second copy).
-                ds.decompress(generate_instance_uid=False)
-        except Exception as exc:  # any decoder failure: the instance cannot be converted
-            raise NoAcceptableSyntax(
-                f"cannot decompress {f.transfer_syntax_uid} for a destination accepting "
-                "only uncompressed syntaxes"
-            ) from exc
-        fd, name = tempfile.mkstemp(suffix=".dcm")
-        os.close(fd)
-        tmp = Path(name)
-        try:
-            ds.save_as(tmp, enforce_file_format=True)
-            return (
-                assoc.send_c_store(tmp)
-                if str(ds.file_meta.TransferSyntaxUID) in syntaxes
-                else assoc.send_c_store(ds)
-            )
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+
+def send_converted(assoc: Any, f: OutgoingFile, syntaxes: set[str], *, msg_id: int = 1) -> Any:
+    """Send ``f`` decoded, in a syntax ``syntaxes`` accepted (decompressing if need be)."""
+    try:
+        ds = dcmread(f.path)
+        if f.transfer_syntax_uid not in _UNCOMPRESSED:
+            # A change of encoding, not a new instance: the SOP Instance UID stays
+            # (pydicom would otherwise make a new one, and a retry a second copy).
+            ds.decompress(generate_instance_uid=False)
+    except Exception as exc:  # any decoder failure: the instance cannot be converted
+        raise NoAcceptableSyntax(
+            f"cannot decompress {f.transfer_syntax_uid} for a destination accepting "
+            "only uncompressed syntaxes"
+        ) from exc
+    fd, name = tempfile.mkstemp(suffix=".dcm")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        return (
+            assoc.send_c_store(tmp, msg_id=msg_id)
+            if str(ds.file_meta.TransferSyntaxUID) in syntaxes
+            else assoc.send_c_store(ds, msg_id=msg_id)
+        )
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

@@ -12,7 +12,9 @@ This module is the boundary between pynetdicom and the rest of the node. It
   global and per-address limits) before pynetdicom negotiates, answering with the
   PS3.8 9.3.4 A-ASSOCIATE-RJ result, source and reason, including calling AE titles bound
   to client certificate names;
-* turns the gateway's exceptions into DIMSE statuses, in :meth:`DicomServer._store` only.
+* answers C-FIND, C-MOVE and C-GET (PS3.4 Annex C) for a
+  :class:`~gateway.dicom.retrieve.QueryRetrieveListener` when one is given;
+* turns the gateway's exceptions into DIMSE statuses, in :func:`failure_status` only.
 """
 
 from __future__ import annotations
@@ -26,22 +28,45 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dsutils import decode
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway.config import DicomConfig, is_valid_ae_title
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedSocket
-from gateway.errors import IndexError_, IngestError, SpoolError, SpoolFullError
+from gateway.dicom.retrieve import (
+    CANCEL,
+    IDENTIFIER_MISMATCH,
+    PENDING,
+    QueryRequest,
+    QueryRetrieveListener,
+    RetrieveCounts,
+    RetrieveRequest,
+    get_sender,
+    move_sender,
+    response,
+    run_suboperations,
+)
+from gateway.errors import (
+    DeliveryError,
+    IndexError_,
+    IngestError,
+    QueryRetrieveError,
+    SpoolError,
+    SpoolFullError,
+)
 from gateway.ids import new_id
 from gateway.text import safe_text
 
@@ -51,6 +76,17 @@ log = logging.getLogger(__name__)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognized
 REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit
+
+# PS3.4 C.6.1 / C.6.2: Query/Retrieve SOP classes -> (information model, service)
+QR_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.2.1.1": ("PATIENT", "c-find"),
+    "1.2.840.10008.5.1.4.1.2.1.2": ("PATIENT", "c-move"),
+    "1.2.840.10008.5.1.4.1.2.1.3": ("PATIENT", "c-get"),
+    "1.2.840.10008.5.1.4.1.2.2.1": ("STUDY", "c-find"),
+    "1.2.840.10008.5.1.4.1.2.2.2": ("STUDY", "c-move"),
+    "1.2.840.10008.5.1.4.1.2.2.3": ("STUDY", "c-get"),
+}
+UNABLE_TO_PROCESS = 0xC000  # PS3.4 C.4.1.1.4 / C.4.2.1.5: failure, unable to process
 
 
 @dataclass(frozen=True)
@@ -169,6 +205,36 @@ def _info(assoc: Any) -> AssociationInfo:
     )
 
 
+class _GatewayAssociation(Association):
+    """An acceptor association whose C-MOVE and C-GET requests the node serves itself
+    (:mod:`gateway.dicom.retrieve`); every other request goes to pynetdicom."""
+
+    gateway_server: DicomServer | None = None
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        server = self.gateway_server
+        if (
+            server is None
+            or server.query_retrieve is None
+            or not isinstance(msg, C_MOVE | C_GET)
+            or self._sent_release
+            or not msg.is_valid_request
+        ):
+            super()._serve_request(msg, context_id)
+            return
+        context = self._accepted_cx.get(context_id)
+        if context is None:  # as pynetdicom: a request on a context never accepted
+            self.abort()
+            return
+        self.dimse.cancel_req = {}
+        self._is_paused = True  # the reactor waits while we send (C-GET sub-operations)
+        try:
+            server._retrieve(self, msg, context)
+        finally:
+            self._is_paused = False
+            self.dimse.cancel_req = {}
+
+
 class _GatewayACSE(ACSE):
     """ACSE whose acceptor first applies the gateway's admission policy."""
 
@@ -229,11 +295,14 @@ class DicomServer:
         incoming_dir: Path,
         on_security_event: Callable[[str], None] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        query_retrieve: QueryRetrieveListener | None = None,
     ) -> None:
-        """``tls_context`` (a :func:`gateway.crypto.tls.server_context`) opens the TLS
+        """``query_retrieve`` answers C-FIND/C-MOVE/C-GET (no Q/R contexts without it).
+        ``tls_context`` (a :func:`gateway.crypto.tls.server_context`) opens the TLS
         listener on ``cfg.tls.port``; the plain one runs unless ``cfg.tls.plain`` is false."""
         self.cfg = cfg
         self.listener = listener
+        self.query_retrieve = query_retrieve
         self.admission = Admission(cfg)
         self.incoming_dir = incoming_dir
         self._on_security_event = on_security_event or (lambda _r: None)
@@ -285,7 +354,8 @@ class DicomServer:
 
             def _create_association(self) -> Any:
                 # pynetdicom's RequestHandler._create_association, with our socket and ACSE
-                assoc = Association(self.ae, MODE_ACCEPTOR)
+                assoc = _GatewayAssociation(self.ae, MODE_ACCEPTOR)
+                assoc.gateway_server = server_self
                 assoc._server = self.server
                 assoc.name = f"AcceptorThread@{new_id()[:8]}"
                 assoc.gateway_id = new_id()[:16]  # type: ignore[attr-defined]
@@ -349,13 +419,15 @@ class DicomServer:
             (evt.EVT_ABORTED, self._peer_aborted),
             (evt.EVT_FSM_TRANSITION, self._transition),
         ]
+        if self.query_retrieve is not None:
+            handlers.append((evt.EVT_C_FIND, self._find))
         # TLS first: once the plain port accepts, both are bound
         listeners: list[tuple[int, ssl.SSLContext | None]] = []
         if self._tls_context is not None:
             listeners.append((self.cfg.tls.port, self._tls_context))
         if self._tls_context is None or self.cfg.tls.plain:
             listeners.append((self.cfg.port, None))
-        contexts = scp_contexts()
+        contexts = scp_contexts(query_retrieve=self.query_retrieve is not None)
         for port, context in listeners:
             # ssl_context stays None: pynetdicom would handshake on the accept thread
             server = Server(
@@ -472,22 +544,142 @@ class DicomServer:
         try:
             _check_receive_buffer(req)
             return self.listener.store(info, request)
-        except IngestError as exc:
-            code, reason = exc.status, exc.reason
-        except SpoolFullError:
-            code, reason = st.OUT_OF_RESOURCES, "spool-full"
-        except SpoolError:
-            code, reason = st.OUT_OF_RESOURCES, "spool-unavailable"
-        except IndexError_:
-            code, reason = st.OUT_OF_RESOURCES, "index-unavailable"
-        except Exception:  # association boundary: answer, never kill the association
-            log.exception("C-STORE failed", extra={"association_id": info.association_id})
-            code, reason = st.PROCESSING_FAILURE, "internal-error"
+        except Exception as exc:  # association boundary: answer, never kill the association
+            code, reason = failure_status(exc, unexpected=st.PROCESSING_FAILURE)
+            if reason == "internal-error":
+                log.exception("C-STORE failed", extra={"association_id": info.association_id})
         try:
             self.listener.store_failed(info, request, code, reason)
         except Exception:  # association boundary: auditing the failure itself failed
             log.exception("C-STORE failure audit failed")
         return code
+
+    # --- query/retrieve (PS3.4 Annex C) ------------------------------------------------
+    def _qr_refused(self, info: AssociationInfo, service: str, status: int, reason: str) -> None:
+        assert self.query_retrieve is not None
+        try:
+            self.query_retrieve.refused(info, service, status, reason)
+        except Exception:  # association boundary: auditing the refusal itself failed
+            log.exception("query/retrieve refusal audit failed")
+
+    def _find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND: pending matches, then success; refusals via :func:`failure_status`."""
+        assert self.query_retrieve is not None
+        info = _info(event.assoc)
+        model = QR_SOP_CLASSES.get(str(event.request.AffectedSOPClassUID), ("STUDY", ""))[0]
+        try:
+            try:
+                identifier = event.identifier
+            except Exception as exc:  # any decoding failure of the peer's identifier
+                raise QueryRetrieveError(IDENTIFIER_MISMATCH, "identifier-unparseable") from exc
+            result = self.query_retrieve.find(
+                info, QueryRequest(model, identifier, int(event.request.MessageID or 0))
+            )
+        except Exception as exc:  # association boundary: answer, never kill the association
+            status, reason = failure_status(exc, unexpected=UNABLE_TO_PROCESS)
+            if reason == "internal-error":
+                log.exception("C-FIND failed", extra={"association_id": info.association_id})
+            self._qr_refused(info, "c-find", status, reason)
+            yield status, None
+            return
+        for ds in result.datasets:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, ds
+        if result.truncated:  # more matches than qr.max_results: the list is incomplete
+            yield st.OUT_OF_RESOURCES, None
+
+    def _retrieve(self, assoc: Any, req: Any, context: Any) -> None:
+        """C-MOVE or C-GET: plan, sub-operations with pending responses, final status."""
+        assert self.query_retrieve is not None
+        listener = self.query_retrieve
+        info = _info(assoc)
+        service = "c-move" if isinstance(req, C_MOVE) else "c-get"
+        kind = C_MOVE if service == "c-move" else C_GET
+        syntax = context.transfer_syntax[0]
+        implicit = bool(syntax.is_implicit_VR)
+        cx_id = int(context.context_id)
+
+        def answer(status: int, counts: RetrieveCounts | None, *, final: bool) -> None:
+            rsp = response(kind, req, status, counts, implicit=implicit, final=final)
+            assoc.dimse.send_msg(rsp, cx_id)
+
+        try:
+            model = QR_SOP_CLASSES.get(str(req.AffectedSOPClassUID), ("STUDY", ""))[0]
+            try:
+                identifier = decode(req.Identifier, implicit, syntax.is_little_endian, False)
+            except Exception as exc:  # any decoding failure of the peer's identifier
+                raise QueryRetrieveError(IDENTIFIER_MISMATCH, "identifier-unparseable") from exc
+            destination = str(getattr(req, "MoveDestination", "") or "").strip()
+            plan = listener.plan_retrieve(
+                info, RetrieveRequest(service, model, identifier, destination)
+            )
+        except Exception as exc:  # association boundary: answer, never kill the association
+            status, reason = failure_status(exc, unexpected=UNABLE_TO_PROCESS)
+            if reason == "internal-error":
+                log.exception("retrieve failed", extra={"association_id": info.association_id})
+            self._qr_refused(info, service, status, reason)
+            answer(status, None, final=True)
+            return
+        counts = RetrieveCounts(remaining=len(plan.files))
+
+        def is_cancelled() -> bool:
+            return assoc.dimse.cancel_req.pop(req.MessageID, None) is not None
+
+        def on_result(f: Any, status: int | None, reason: str) -> None:
+            try:
+                listener.sub_operation(info, plan, f, status, reason)
+            except Exception:  # association boundary: the sub-operation audit failed
+                log.exception("sub-operation audit failed")
+            if counts.remaining:
+                answer(PENDING, counts, final=False)
+
+        if plan.files:
+            try:
+                sender = (
+                    move_sender(plan, calling_ae_title=self.cfg.ae_title)
+                    if service == "c-move"
+                    else get_sender(assoc, int(req.MessageID))
+                )
+                with sender as send:
+                    run_suboperations(
+                        plan, counts, send, is_cancelled=is_cancelled, on_result=on_result
+                    )
+            except Exception as exc:  # association boundary: the destination is unusable
+                if not isinstance(exc, DeliveryError):
+                    log.exception(
+                        f"{service} failed", extra={"association_id": info.association_id}
+                    )
+                done = {*counts.failed_uids}
+                for f in plan.files[counts.completed + counts.warning + counts.failed :]:
+                    if f.sop_instance_uid not in done:
+                        counts.failed += 1
+                        counts.failed_uids.append(f.sop_instance_uid)
+                        with contextlib.suppress(Exception):  # boundary: audit failed
+                            listener.sub_operation(info, plan, f, None, "destination-unusable")
+                counts.remaining = 0
+        status = counts.final_status()
+        try:
+            listener.retrieve_finished(info, plan, counts, status)
+        except Exception:  # association boundary: the final audit failed
+            log.exception("retrieve audit failed")
+        if assoc.is_established:
+            answer(status, counts, final=True)
+
+
+def failure_status(exc: BaseException, *, unexpected: int) -> tuple[int, str]:
+    """The one mapping of the node's exceptions to DIMSE statuses and audit reasons;
+    anything unexpected is ``unexpected`` with the reason ``internal-error``."""
+    if isinstance(exc, IngestError | QueryRetrieveError):
+        return exc.status, exc.reason
+    if isinstance(exc, SpoolFullError):
+        return st.OUT_OF_RESOURCES, "spool-full"
+    if isinstance(exc, SpoolError):
+        return st.OUT_OF_RESOURCES, "spool-unavailable"
+    if isinstance(exc, IndexError_):
+        return st.OUT_OF_RESOURCES, "index-unavailable"
+    return unexpected, "internal-error"
 
 
 def certificate_names(peer_certificate: Any) -> frozenset[str]:
