@@ -9,17 +9,18 @@ import time
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
-from gateway.dicom.qr_scu import UpstreamClient
 from gateway.dicom.server import DicomServer
 from gateway.dicom.tls import listener_context
 from gateway.errors import IndexError_
 from gateway.index.db import Database
 from gateway.ingest.service import IngestService
 from gateway.metrics import Metrics
-from gateway.qr.service import QRService
+from gateway.peer.client import SealStep, build_peer_destinations
+from gateway.peer.material import load_own_keys, load_peers
+from gateway.peer.server import PeerServer
 from gateway.routing.router import Router
 from gateway.spool.store import Spool
-from gateway.transfer.destinations import build_destinations
+from gateway.transfer.destinations import Destination, build_destinations
 from gateway.transfer.pipeline import Pipeline
 from gateway.transfer.prepare import DeidStep, check_profiles
 from gateway.transfer.worker import Worker
@@ -36,14 +37,38 @@ class Node:
         self.spool = Spool(cfg.spool_dir, min_free_bytes=cfg.ingest.spool_min_free_bytes)
         self.metrics = Metrics()
         self.deid_step = DeidStep(cfg, outgoing_dir=cfg.spool_dir / "outgoing")
+        # peers: trusted material and this node's keys, loaded only when peers are in use
+        uses_peers = cfg.peer.enabled or any(d.type == "peer" for d in cfg.destinations)
+        self.peers = load_peers(cfg) if uses_peers else {}
+        self.own_keys = load_own_keys(cfg) if uses_peers else None
+        self.seal_step = SealStep(
+            cfg,
+            self.peers,
+            folder=cfg.spool_dir / "outgoing" / "sealed",
+            profile_of=self.deid_step.summary,
+        )
+        destinations: dict[str, Destination] = dict(
+            build_destinations(cfg.destinations, calling_ae_title=cfg.dicom.ae_title)
+        )
+        if self.own_keys is not None:
+            destinations.update(
+                build_peer_destinations(
+                    cfg,
+                    peers=self.peers,
+                    own=self.own_keys,
+                    seal=self.seal_step,
+                    db=self.db,
+                    clock=self.clock,
+                )
+            )
         self.worker = Worker(
             cfg,
-            pipeline=Pipeline([self.deid_step]),
+            pipeline=Pipeline([self.deid_step, self.seal_step]),
             db=self.db,
             spool=self.spool,
             clock=self.clock,
             metrics=self.metrics,
-            destinations=build_destinations(cfg.destinations, calling_ae_title=cfg.dicom.ae_title),
+            destinations=destinations,
         )
         self.ingest = IngestService(
             cfg,
@@ -60,24 +85,20 @@ class Node:
             incoming_dir=self.spool.incoming,
             on_security_event=lambda kind: self.metrics.security_events.labels(kind).inc(),
             tls_context=listener_context(cfg),
-            query_retrieve=self._query_retrieve(),
         )
+        self.peer_server: PeerServer | None = None
+        if cfg.peer.enabled and self.own_keys is not None:
+            self.peer_server = PeerServer(
+                cfg,
+                db=self.db,
+                ingest=self.ingest,
+                clock=self.clock,
+                metrics=self.metrics,
+                own=self.own_keys,
+                peers=self.peers,
+            )
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
-
-    def _query_retrieve(self) -> QRService | None:
-        if not self.cfg.qr.enabled:
-            return None
-        upstream = self.cfg.qr.upstream
-        return QRService(
-            self.cfg,
-            db=self.db,
-            spool=self.spool,
-            clock=self.clock,
-            upstream=UpstreamClient(upstream, calling_ae_title=self.cfg.dicom.ae_title)
-            if upstream is not None
-            else None,
-        )
 
     def start(self) -> None:
         check_profiles(self.cfg)
@@ -94,6 +115,8 @@ class Node:
         if self.cfg.metrics.enabled:
             self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         self.server.start()
+        if self.peer_server is not None:
+            self.peer_server.start()
         if self.cfg.worker.enabled:
             self.worker.start()
             self._housekeeping = threading.Thread(
@@ -125,6 +148,8 @@ class Node:
     def stop(self, grace: float = 10.0) -> None:
         self._stop.set()
         self.server.stop(grace)
+        if self.peer_server is not None:
+            self.peer_server.stop(grace)
         self.worker.stop(timeout=grace)
         if self._housekeeping is not None:
             self._housekeeping.join(grace)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gateway import __version__, cli_keys
+from gateway import __version__, cli_keys, cli_peers
 from gateway.audit.chain import verify
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import AuditChainError, ConfigError, GatewayError, TransitionError
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--json", action="store_true")
 
     cli_keys.add_parsers(sub, with_config)
+    cli_peers.add_parsers(sub, with_config)
 
     de = sub.add_parser(
         "deid", help="de-identify files or folders by a profile, with the leak gate"
@@ -114,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(cfg)
         if args.command == "keys":
             return cli_keys.run_keys(cfg, args)
+        if args.command == "peers":
+            return cli_peers.run_peers(cfg, args)
         db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
         try:
             db.migrate()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -39,7 +39,7 @@ from gateway.index.models import Instance, RouteCandidate, Series, Study
 from gateway.ingest.parse import read_header
 from gateway.metrics import Metrics
 from gateway.routing.match import matches
-from gateway.spool.store import Spool
+from gateway.spool.store import Spool, SpooledObject
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,53 @@ class IngestService:
         self.metrics.ingest_latency.observe(time.perf_counter() - started)
         return st.SUCCESS
 
+    def store_batch(
+        self,
+        info: AssociationInfo,
+        requests: Sequence[StoreRequest],
+        within: Callable[[Session, datetime], None],
+        *,
+        event_type: str = "c-store",
+    ) -> list[str]:
+        """Store several files as one unit, without a DICOM association (peer packages).
+
+        Every file is validated first (IngestError on the first bad one, nothing stored),
+        then committed to the spool, then all are indexed, routed and audited in one
+        transaction together with ``within(session, now)``: all or nothing. Each file is
+        consumed as :meth:`store` consumes a receive buffer. Returns each file's outcome
+        ("stored", "duplicate" or "rejected-duplicate").
+        """
+        headers = [self._validate(r) for r in requests]
+        self.spool.check_space()
+        committed: list[SpooledObject] = []
+        try:
+            for request in requests:
+                size, sha256 = self.spool.digest(request.dataset_path)
+                committed.append(self.spool.commit(request.dataset_path, size=size, sha256=sha256))
+            now = self.clock.now()
+            with self.db.session() as s:
+                results = [
+                    self._index(s, info, r, h, o.key, o.size, o.sha256, now, event_type=event_type)
+                    for r, h, o in zip(requests, headers, committed, strict=True)
+                ]
+                within(s, now)
+        except BaseException:
+            for obj in committed:
+                self.spool.delete(obj.key)
+            raise
+        label = self._called_label(info)
+        for obj, (outcome, _streamed) in zip(committed, results, strict=True):
+            if outcome != "stored":
+                self.spool.delete(obj.key)
+            else:
+                self.metrics.bytes_received.labels(label).inc(obj.size)
+            self.metrics.instances_received.labels(
+                label, "rejected" if outcome == "rejected-duplicate" else outcome
+            ).inc()
+        if any(streamed for _outcome, streamed in results):
+            self._notify()
+        return [outcome for outcome, _streamed in results]
+
     def _validate(self, request: StoreRequest) -> _Header:
         if not is_valid_uid(request.sop_instance_uid) or not is_valid_uid(request.sop_class_uid):
             raise IngestError(st.INVALID_OBJECT_INSTANCE, "invalid-uid-in-command")
@@ -237,6 +284,8 @@ class IngestService:
         size: int,
         sha256: str,
         now: datetime,
+        *,
+        event_type: str = "c-store",
     ) -> tuple[str, bool]:
         ds = header.values
         versions = s.execute(
@@ -245,7 +294,7 @@ class IngestService:
             )
         ).all()
         base = AuditRecord(
-            "c-store",
+            event_type,
             "success",
             info.calling_ae_title,
             info.called_ae_title,

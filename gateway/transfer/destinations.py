@@ -71,5 +71,6 @@ def build_destinations(
 ) -> dict[str, Destination]:
     out: dict[str, Destination] = {}
     for cfg in configs:
-        out[cfg.name] = DicomDestination(cfg, calling_ae_title=calling_ae_title)
+        if cfg.type == "dicom":  # peer destinations: gateway.peer.client
+            out[cfg.name] = DicomDestination(cfg, calling_ae_title=calling_ae_title)
     return out

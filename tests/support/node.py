@@ -79,6 +79,9 @@ class GatewayNode:
         database: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        name: str = "test-node",
+        peer: dict[str, Any] | None = None,
+        peers: Sequence[dict[str, Any]] = (),
     ) -> None:
         """``wrapper`` is a command prefix for ``serve`` (e.g. ``unshare -m bash -c ...``);
         it must end by exec'ing its arguments, so ``pid`` stays the node's."""
@@ -87,17 +90,23 @@ class GatewayNode:
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
+        # with peer={...}: the peer endpoint's port (one is allocated unless given)
+        self.peer_port: int | None = None
+        if peer is not None:
+            self.peer_port = int(peer.get("port") or free_port())
+            peer = {"enabled": True, "handshake_timeout": 3, **peer, "port": self.peer_port}
         # with dicom={"tls": {...}}: the TLS listener's port (one is allocated unless given)
         self.tls_port: int | None = None
         if dicom and "tls" in dicom:
             self.tls_port = int(dicom["tls"].get("port") or free_port())
             dicom = {**dicom, "tls": {**dicom["tls"], "port": self.tls_port}}
         self.ae_title = ae_title
+        self.node_name = name
         self.config_path = root / "gateway.toml"
         self.log_path = root / "node.log"
         self.env = env or {}
         sections: dict[str, Any] = {
-            "node": {"name": "test-node", "state_dir": str(root / "state")},
+            "node": {"name": name, "state_dir": str(root / "state")},
             "dicom": {
                 "ae_title": ae_title,
                 "host": "127.0.0.1",
@@ -120,6 +129,10 @@ class GatewayNode:
         }
         if deid:
             sections["deid"] = dict(deid)
+        if peer is not None:
+            sections["peer"] = peer
+        if peers:
+            sections["peers"] = list(peers)
         if destinations:
             sections["destinations"] = list(destinations)
         if routes:

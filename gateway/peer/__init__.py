@@ -1,0 +1,1 @@
+"""Peer transfer: sealed packages between nodes over HTTPS with mutual TLS."""
