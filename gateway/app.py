@@ -9,6 +9,7 @@ import time
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
+from gateway.dicom.qr_scu import UpstreamClient
 from gateway.dicom.server import DicomServer
 from gateway.dicom.tls import listener_context
 from gateway.errors import IndexError_
@@ -18,6 +19,7 @@ from gateway.metrics import Metrics
 from gateway.peer.client import SealStep, build_peer_destinations
 from gateway.peer.material import load_own_keys, load_peers
 from gateway.peer.server import PeerServer
+from gateway.qr.service import QRService
 from gateway.routing.router import Router
 from gateway.spool.store import Spool
 from gateway.transfer.destinations import Destination, build_destinations
@@ -85,6 +87,7 @@ class Node:
             incoming_dir=self.spool.incoming,
             on_security_event=lambda kind: self.metrics.security_events.labels(kind).inc(),
             tls_context=listener_context(cfg),
+            query_retrieve=self._query_retrieve(),
         )
         self.peer_server: PeerServer | None = None
         if cfg.peer.enabled and self.own_keys is not None:
@@ -99,6 +102,20 @@ class Node:
             )
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
+
+    def _query_retrieve(self) -> QRService | None:
+        if not self.cfg.qr.enabled:
+            return None
+        upstream = self.cfg.qr.upstream
+        return QRService(
+            self.cfg,
+            db=self.db,
+            spool=self.spool,
+            clock=self.clock,
+            upstream=UpstreamClient(upstream, calling_ae_title=self.cfg.dicom.ae_title)
+            if upstream is not None
+            else None,
+        )
 
     def start(self) -> None:
         check_profiles(self.cfg)
