@@ -127,10 +127,13 @@ def to_gray(
             y = f.max(axis=-1)
     else:
         y = a.astype(np.float32)
-    lo, hi = float(y.min()), float(y.max())
-    if hi <= lo:
-        return np.full(y.shape, 255, dtype=np.uint8)
-    g = (y - lo) * (255.0 / (hi - lo))
+    if a.dtype == np.uint8:
+        g = y  # 8-bit: brightness is absolute (a dim speckle field is no text)
+    else:
+        lo, hi = float(y.min()), float(y.max())
+        if hi <= lo:
+            return np.full(y.shape, 255, dtype=np.uint8)
+        g = (y - lo) * (255.0 / (hi - lo))
     if photometric == "MONOCHROME1":
         g = 255.0 - g
     if float(np.median(g)) < 128:

@@ -293,6 +293,8 @@ def encode_into(
         data = np.ascontiguousarray(frames.astype("<" + dtype, copy=False)).tobytes()
     if len(data) & 1:
         data += b"\x00"
+    if g.transfer_syntax == ExplicitVRBigEndian:
+        _to_little_endian(out)
     out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out.PixelData = data
     out["PixelData"].VR = "OB" if g.bits_allocated <= 8 else "OW"
@@ -301,6 +303,15 @@ def encode_into(
             out.compress(RLELossless, frames.reshape(_shape(g)), encoding_plugin="pylibjpeg")
         except Exception as exc:  # noqa: BLE001 - an unencodable output never leaves
             raise DeidError(f"cleaned pixels cannot be RLE encoded: {type(exc).__name__}") from None
+
+
+def _to_little_endian(ds: Dataset) -> None:
+    """Decode every raw (big endian) element so the data set can be written little endian."""
+    for elem in ds.iterall():
+        if elem.VR == "SQ":
+            for item in elem.value:
+                item.set_original_encoding(False, True, item.original_character_set)
+    ds.set_original_encoding(False, True, ds.original_character_set)
 
 
 def _shape(g: Geometry) -> tuple[int, ...]:
