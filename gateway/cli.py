@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gateway import __version__, cli_keys, cli_peers
+from gateway import __version__, cli_keys, cli_peers, cli_pixels
 from gateway.audit.chain import verify
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import AuditChainError, ConfigError, GatewayError, TransitionError
@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--secret", metavar="FILE", help="project secret file")
     de.add_argument("--report", metavar="FILE", help="write the JSON report here")
     de.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursive)")
+    cli_pixels.add_parsers(sub)
     return p
 
 
@@ -95,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _deid(args)
     if args.command == "ca":
         return cli_keys.run_ca(args)
+    if args.command == "pixels":
+        return cli_pixels.run(args)
     try:
         cfg = load_config(args.config)
         if args.command in ("check-config", "serve"):
