@@ -54,6 +54,19 @@ class _PinnedSSLObject(ssl.SSLObject):
             raise ssl.SSLCertVerificationError(str(exc)) from exc
 
 
+class _PinnedSSLSocket(ssl.SSLSocket):
+    """The same check for blocking sockets (``wrap_socket``)."""
+
+    pinned_sha256 = ""
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        try:
+            check_pin(self, certificate=self.pinned_sha256)
+        except IntegrityError as exc:
+            raise ssl.SSLCertVerificationError(str(exc)) from exc
+
+
 def client_peer_context(cfg: GatewayConfig, peer: PeerTrust) -> ssl.SSLContext:
     """A context towards ``peer``: our certificate, its certificate as anchor and pin."""
     ctx = client_context(
@@ -63,9 +76,9 @@ def client_peer_context(cfg: GatewayConfig, peer: PeerTrust) -> ssl.SSLContext:
         allow_tls12=cfg.peer.allow_tls12,
     )
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.sslobject_class = type(
-        "PinnedSSLObject", (_PinnedSSLObject,), {"pinned_sha256": peer.certificate_sha256}
-    )
+    pin = {"pinned_sha256": peer.certificate_sha256}
+    ctx.sslobject_class = type("PinnedSSLObject", (_PinnedSSLObject,), pin)
+    ctx.sslsocket_class = type("PinnedSSLSocket", (_PinnedSSLSocket,), pin)
     return ctx
 
 

@@ -19,6 +19,7 @@ it answers the receipt it signed the first time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -65,6 +66,8 @@ class _Package:
     delivery_id: str
     peer: str
     suite: HpkeSuite
+    folder: Path
+    thread: int
     entries: list[InstanceEntry] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
 
@@ -85,8 +88,10 @@ class SealStep:
         self.suite = HpkeSuite(cfg.peer.suite)
         self.targets = {d.name: d.peer for d in cfg.destinations if d.type == "peer"}
         self._profile_of = profile_of
-        self._packages: dict[str, _Package] = {}
-        self._by_path: dict[Path, str] = {}
+        # one package per attempt: keyed by the attempt's DeliveryContext object, since two
+        # attempts of one delivery may overlap (a lease that expired while preparing)
+        self._packages: dict[int, tuple[DeliveryContext, _Package]] = {}
+        self._by_path: dict[Path, _Package] = {}
         self._lock = threading.Lock()
 
     def __call__(self, item: OutgoingFile, delivery: DeliveryContext) -> OutgoingFile:
@@ -98,14 +103,22 @@ class SealStep:
         if recipient is None:
             raise PermanentError(f"peer {peer_name} exported no {self.suite.value} HPKE key")
         with self._lock:
-            package = self._packages.setdefault(
-                delivery.delivery_id, _Package(delivery.delivery_id, peer_name, self.suite)
-            )
+            held = self._packages.get(id(delivery))
+            if held is None or held[0] is not delivery:
+                package = _Package(
+                    delivery.delivery_id,
+                    peer_name,
+                    self.suite,
+                    self.folder / delivery.delivery_id / new_id(),
+                    threading.get_ident(),
+                )
+                self._packages[id(delivery)] = (delivery, package)
+            else:
+                package = held[1]
             index = len(package.entries)
             package.entries.append(InstanceEntry("0" * 64, 0))  # reserved, set below
-        out_dir = self.folder / delivery.delivery_id
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / f"{index}.sealed"
+        package.folder.mkdir(parents=True, exist_ok=True)
+        out = package.folder / f"{index}.sealed"
         try:
             with item.path.open("rb") as src, out.open("wb") as dst:
                 entry = seal_instance(
@@ -116,7 +129,7 @@ class SealStep:
         with self._lock:
             package.entries[index] = entry
             package.paths.append(out)
-            self._by_path[out] = delivery.delivery_id
+            self._by_path[out] = package
         return OutgoingFile(
             sop_class_uid=item.sop_class_uid,
             sop_instance_uid=item.sop_instance_uid,
@@ -126,18 +139,28 @@ class SealStep:
 
     def package_for(self, files: Sequence[OutgoingFile]) -> tuple[_Package, Mapping[str, object]]:
         with self._lock:
-            delivery_id = self._by_path.get(files[0].path) if files else None
-            package = self._packages.get(delivery_id) if delivery_id else None
-        if package is None or len(package.paths) != len(files):
+            package = self._by_path.get(files[0].path) if files else None
+        if package is None or package.paths != [f.path for f in files]:
             raise PermanentError("peer delivery was not prepared by the sealing step")
         return package, self._profile_of(package.delivery_id)
 
     def release(self, delivery_id: str) -> None:
+        """Drop what this thread prepared for the delivery (an attempt is over)."""
+        me = threading.get_ident()
         with self._lock:
-            package = self._packages.pop(delivery_id, None)
-            for path in package.paths if package else ():
-                self._by_path.pop(path, None)
-        shutil.rmtree(self.folder / delivery_id, ignore_errors=True)
+            mine = [
+                key
+                for key, (_ctx, package) in self._packages.items()
+                if package.delivery_id == delivery_id and package.thread == me
+            ]
+            packages = [self._packages.pop(key)[1] for key in mine]
+            for package in packages:
+                for path in package.paths:
+                    self._by_path.pop(path, None)
+        for package in packages:
+            shutil.rmtree(package.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (self.folder / delivery_id).rmdir()  # empty unless another attempt runs
 
 
 class PeerRefused(PermanentError):
