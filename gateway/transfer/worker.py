@@ -174,6 +174,7 @@ class Worker:
             self._flush(delivery_id, worker_id, progress)
             if progress.lease_lost:
                 log.warning("lease lost; attempt abandoned", extra={"delivery_id": delivery_id})
+                self.pipeline.release(delivery_id)
                 return
             event = Event.DELIVERED
         except QuarantineError as exc:
@@ -236,6 +237,13 @@ class Worker:
                 return
             deliveries.refresh_counts(s, delivery)
             next_at = None
+            unsent = delivery.instance_count - delivery.sent_count - delivery.failed_count
+            if event is Event.DELIVERED and unsent > 0:
+                # the attempt ended early (the node is stopping): the rest goes next time
+                event, reason = (
+                    Event.RETRYABLE_FAILURE,
+                    f"attempt ended with {unsent} instance(s) not yet sent",
+                )
             if event is Event.DELIVERED:
                 if delivery.failed_count:
                     event, reason = (
