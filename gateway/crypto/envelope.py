@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -357,6 +357,148 @@ class EnvelopeReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class SeekableEnvelopeReader(io.RawIOBase):
+    """Random access to the verified plaintext of an envelope in a seekable file.
+
+    Segment ``i`` lies at ``header_len + i * (segment_size + 16)``. Every segment is
+    authenticated with its index and final flag before any byte of it is returned; the final
+    segment is verified when the reader opens, which gives the plaintext length and detects
+    a truncated or extended file at once. At most two decrypted segments are cached, so
+    memory stays near two segments whatever the object's size. ``fileobj`` is closed with
+    the reader when ``owns`` is true.
+    """
+
+    _CACHE = 2
+
+    def __init__(
+        self, fileobj: BinaryIO, header: EnvelopeHeader, data_key: bytes, *, owns: bool = False
+    ) -> None:
+        super().__init__()
+        self._fileobj = fileobj
+        self._owns = owns
+        self.header = header
+        self._aead = AESGCM(data_key)
+        self._seg = header.segment_size
+        self._seg_ct = header.segment_size + TAG_BYTES
+        self._start = len(header.raw)
+        body = fileobj.seek(0, io.SEEK_END) - self._start
+        if body < TAG_BYTES:
+            raise IntegrityError("envelope truncated: no final segment")
+        self._count = -(-body // self._seg_ct)
+        last_ct = body - (self._count - 1) * self._seg_ct
+        if last_ct < TAG_BYTES:
+            raise IntegrityError(f"envelope truncated at segment {self._count - 1}")
+        self._cache: dict[int, bytes] = {}
+        last = self._segment(self._count - 1)
+        self.size = (self._count - 1) * self._seg + len(last)
+        self._pos = 0
+
+    def _segment(self, index: int) -> bytes:
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        final = index == self._count - 1
+        self._fileobj.seek(self._start + index * self._seg_ct)
+        chunk = _read_full(self._fileobj, self._seg_ct)
+        if len(chunk) < TAG_BYTES or (not final and len(chunk) != self._seg_ct):
+            raise IntegrityError(f"envelope truncated at segment {index}")
+        try:
+            plain = self._aead.decrypt(
+                _nonce(self.header.nonce_prefix, index, final), chunk, self.header.fixed
+            )
+        except InvalidTag as exc:
+            raise IntegrityError(
+                f"envelope segment {index} does not verify "
+                "(tampered, reordered, spliced or truncated)"
+            ) from exc
+        if len(self._cache) >= self._CACHE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[index] = plain
+        return plain
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from a closed envelope reader")
+        end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
+        parts: list[bytes] = []
+        pos = self._pos
+        while pos < end:
+            index, offset = divmod(pos, self._seg)
+            segment = self._segment(index)
+            take = min(len(segment) - offset, end - pos)
+            parts.append(segment[offset : offset + take])
+            pos += take
+        self._pos = max(self._pos, pos)
+        return b"".join(parts)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._cache.clear()
+            if self._owns:
+                self._fileobj.close()
+        super().close()
+
+
+def open_seekable(
+    fileobj: BinaryIO, keyring: DataKeyUnwrapper, *, owns: bool = False
+) -> SeekableEnvelopeReader:
+    """Open the envelope in the seekable ``fileobj`` for random access (see the class).
+
+    Raises CryptoError if the keyring lacks the key id, IntegrityError if the header, wrap or
+    final segment does not verify (tampered or truncated).
+    """
+    fileobj.seek(0)
+    header = read_header(fileobj)
+    data_key = keyring.unwrap(
+        header.wrap_scheme, header.key_id, header.wrapped_key, header.wrap_context
+    )
+    if len(data_key) != DATA_KEY_BYTES:
+        raise IntegrityError("unwrapped data key has a bad length")
+    return SeekableEnvelopeReader(fileobj, header, data_key, owns=owns)
+
+
+def open_envelope_file(path: Path, keyring: DataKeyUnwrapper) -> SeekableEnvelopeReader:
+    """Open the envelope file at ``path`` for random access; closing the reader closes it."""
+    f = open(path, "rb")  # owned by the reader, closed with it
+    try:
+        return open_seekable(f, keyring, owns=True)
+    except BaseException:
+        f.close()
+        raise
 
 
 def open_envelope(fileobj: BinaryIO, keyring: DataKeyUnwrapper) -> EnvelopeReader:
