@@ -7,7 +7,9 @@ snapshot. PostgreSQL runs at READ COMMITTED; work queues use ``FOR UPDATE SKIP L
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +54,12 @@ class Database:
                 connect_args={"connect_timeout": max(1, int(busy_timeout))},
             )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time and every transaction here begins IMMEDIATE: queue
+        # the node's own threads on a lock rather than in SQLite's sleeping busy handler,
+        # which backs off for milliseconds per retry under concurrent associations.
+        self._writer: contextlib.AbstractContextManager[object] = (
+            threading.RLock() if self.is_sqlite else contextlib.nullcontext()
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -60,7 +68,7 @@ class Database:
         Database failures surface as :class:`IndexError_`.
         """
         try:
-            with self._sessions() as s, s.begin():
+            with self._writer, self._sessions() as s, s.begin():
                 yield s
         except SQLAlchemyError as exc:
             raise IndexError_(f"index transaction failed: {exc.__class__.__name__}") from exc
