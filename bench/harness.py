@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -58,10 +59,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="only these systems (ingest: node, dcmtk-storescp, dcmtk-storescp-ignore, "
         "orthanc, pynetdicom-scp; e2e: node-stream, node-study, orthanc-router, direct, "
-        "node-stream-basic (only when named))",
+        "node-stream-basic (only when named); deid: node-basic-file, node-basic-gate, "
+        "node-basic-nogate, dicognito, pydicom-deid)",
     )
     p.add_argument(
-        "--datasets", type=_csv, default=("ct", "small", "multiframe"), help="ingest data sets"
+        "--datasets",
+        type=_csv,
+        default=("ct", "small", "multiframe"),
+        help="ingest data sets (deid uses ct and small of these)",
     )
     p.add_argument(
         "--concurrency",
@@ -116,6 +121,13 @@ def _commit() -> str:
     return head + ("+uncommitted gateway/ changes" if dirty else "")
 
 
+def _dist_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def _versions() -> dict[str, str]:
     import pydicom
     import pynetdicom
@@ -124,6 +136,8 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "pynetdicom": pynetdicom.__version__,
         "pydicom": pydicom.__version__,
+        "dicognito": _dist_version("dicognito"),
+        "deid": _dist_version("deid"),
         "dcmtk": _first_line([dcmtk_path("storescu"), "--version"]),
         "orthanc": _first_line([orthanc_path(), "--version"]),
     }
@@ -182,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 "pynetdicom-scp": "bench/pynetdicom_scp.py (writes encoded data sets as "
                 "received, TCP_NODELAY, max PDU 262144)",
                 "node": "dicom-gateway serve, SQLite index, durable spool, audit on, defaults",
+                "dicognito / pydicom-deid (deid scenario)": "their defaults (Anonymizer(); the "
+                "default deid recipe), one process pinned to one CPU, as the node's basic",
             },
         },
         "scenarios": {},

@@ -97,10 +97,57 @@ def _e2e_md(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _deid_md(result: dict[str, Any]) -> list[str]:
+    sets = ", ".join(
+        f"{d['name']}: {d['instances']} x {d['mean_instance_kib']:.0f} KiB"
+        for d in result["datasets"]
+    )
+    lines = [
+        f"Data sets: {sets}. Method: {result['method']} (CPU {result['cpu']}).",
+        "",
+        "Tools: " + "; ".join(f"`{k}`: {v}" for k, v in result["tools"].items()) + ".",
+        "",
+        "| data set | tool | inst/s | MB/s | CPU ms/inst | peak RSS MiB | setup s | load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(
+                f"| {row['dataset']} | {row['system']} | FAILED: {row['error']} | | | | | |"
+            )
+            continue
+        s = row["summary"]
+        lines.append(
+            f"| {row['dataset']} | {row['system']} | {_cell(s, 'instances_per_s')} | "
+            f"{_cell(s, 'mb_per_s')} | {_cell(s, 'cpu_ms_per_instance', 2)} | "
+            f"{_cell(s, 'peak_rss_mib')} | {_cell(s, 'setup_seconds', 2)} | "
+            f"{_cell(s, 'load_1min')} |"
+        )
+    lines += [
+        "",
+        f"Ratios, {result['ratio_meaning']}:",
+        "",
+        "| data set | node | /dicognito | /pydicom-deid | /faster peer | target met | "
+        "CPU/inst faster peer/node |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    if not result["ratios"]:
+        lines.append("| (no ratios: the node or every peer was left out or failed) | | | | | | |")
+    for r in result["ratios"]:
+        faster = f"{_ratio(r['faster'])} ({r['faster_peer']})" if r.get("faster_peer") else "-"
+        met = "-" if "target_met" not in r else ("yes" if r["target_met"] else "no")
+        lines.append(
+            f"| {r['dataset']} | {r['node']} | {_ratio(r.get('dicognito'))} | "
+            f"{_ratio(r.get('pydicom-deid'))} | {faster} | {met} | "
+            f"{_ratio(r.get('faster_cpu'))} |"
+        )
+    return lines
+
+
 PEER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 """The node is always red; peers never are."""
 
-RENDERERS = {"ingest": _ingest_md, "e2e": _e2e_md}
+RENDERERS = {"ingest": _ingest_md, "e2e": _e2e_md, "deid": _deid_md}
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -226,4 +273,59 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "e2e.png", dpi=110)
         plt.close(fig)
         written.append("e2e.png")
+    deid = doc["scenarios"].get("deid", {}).get("result")
+    if deid and any("error" not in row for row in deid["rows"]):
+        names = [d["name"] for d in deid["datasets"]]
+        systems = deid["systems"]
+        fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1, 4.4))
+        axes_list = list(axes) if len(names) > 1 else [axes]
+        for ax, dataset in zip(axes_list, names, strict=True):
+            medians, lo, hi, colors = [], [], [], []
+            for i, system in enumerate(systems):
+                row = next(
+                    r for r in deid["rows"] if r["dataset"] == dataset and r["system"] == system
+                )
+                if "error" in row:
+                    medians.append(0.0)
+                    lo.append(0.0)
+                    hi.append(0.0)
+                    colors.append("white")
+                    continue
+                s = row["summary"]["instances_per_s"]
+                medians.append(s["median"])
+                lo.append(s["median"] - s["min"])
+                hi.append(s["max"] - s["median"])
+                node = system.startswith("node")
+                colors.append(
+                    ("tab:red", "salmon", "mistyrose")[i % 3] if node else PEER_COLORS[i % 5]
+                )
+            ax.bar(
+                range(len(systems)),
+                medians,
+                yerr=[lo, hi],
+                color=colors,
+                capsize=3,
+                edgecolor="black",
+                linewidth=0.5,
+            )
+            ax.set_xticks(range(len(systems)))
+            ax.set_xticklabels(systems, rotation=40, ha="right", fontsize=8)
+            ratio = next(
+                (
+                    r
+                    for r in deid["ratios"]
+                    if r["dataset"] == dataset and r["node"] == "node-basic-file" and "faster" in r
+                ),
+                None,
+            )
+            title = dataset
+            if ratio is not None and ratio["faster"] is not None:
+                title += f" (node-basic-file {ratio['faster']:.2f}x {ratio['faster_peer']})"
+            ax.set_title(title, fontsize=9)
+        axes_list[0].set_ylabel("instances/s, one core (higher is better)")
+        fig.suptitle("De-identification: bars = median, whiskers = min/max")
+        fig.tight_layout()
+        fig.savefig(out / "deid_throughput.png", dpi=110)
+        plt.close(fig)
+        written.append("deid_throughput.png")
     return written

@@ -8,10 +8,12 @@ system and configuration, each with its ``runs`` and a median/min/max ``summary`
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -427,6 +429,162 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- 3. de-identification
+
+DEID_ORDER = (
+    "node-basic-file",
+    "node-basic-gate",
+    "node-basic-nogate",
+    "dicognito",
+    "pydicom-deid",
+)
+DEID_NODE = ("node-basic-file", "node-basic-gate", "node-basic-nogate")
+DEID_PEERS = ("dicognito", "pydicom-deid")
+DEID_DATASETS = ("ct", "small")
+DEID_TARGET = 2.0
+"""Issue 7: ``basic`` at >= 2x the faster of dicognito and pydicom/deid in instances/s."""
+
+
+def deid_cpu() -> int:
+    """The one CPU every de-identification run is pinned to (the last one we may use)."""
+    return max(os.sched_getaffinity(0))
+
+
+def _deid_once(settings: Settings, tool: str, ds: data.DataSet, label: str) -> dict[str, float]:
+    root = settings.fresh_dir(label)
+    listing = root / "files.txt"
+    listing.write_text("".join(f"{f}\n" for f in ds.files))
+    load = os.getloadavg()[0]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.deid_tools",
+            tool,
+            str(deid_cpu()),
+            str(listing),
+            str(root / "out"),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=settings.timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RunFailed(f"{tool} exited {proc.returncode}: {lines[-1] if lines else ''}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(root, ignore_errors=True)
+    if result["written"] != ds.instances:
+        raise RunFailed(f"{tool} wrote {result['written']} of {ds.instances} files")
+    return {
+        "seconds": result["seconds"],
+        "load_1min": load,
+        "instances_per_s": ds.instances / result["seconds"],
+        "mb_per_s": ds.total_bytes / MIB / result["seconds"],
+        "cpu_ms_per_instance": 1000 * result["cpu_seconds"] / ds.instances,
+        "setup_seconds": result["setup_seconds"],
+        "peak_rss_mib": result["peak_rss_mib"],
+    }
+
+
+def _deid_ratios(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    def median(system: str, key: str = "instances_per_s") -> float | None:
+        for row in rows:
+            if row["dataset"] == dataset and row["system"] == system and "error" not in row:
+                value: float = row["summary"][key]["median"]
+                return value
+        return None
+
+    peers = {p: median(p) for p in DEID_PEERS}
+    measured = {p: v for p, v in peers.items() if v is not None}
+    faster = max(measured, key=lambda p: measured[p]) if measured else None
+    out = []
+    for node in DEID_NODE:
+        n = median(node)
+        if n is None:
+            continue
+        entry: dict[str, Any] = {"dataset": dataset, "node": node}
+        for peer, value in peers.items():
+            entry[peer] = _ratio(n, value) if value is not None else None
+        if faster is not None:
+            ratio = _ratio(n, measured[faster])
+            node_cpu = median(node, "cpu_ms_per_instance")
+            peer_cpu = median(faster, "cpu_ms_per_instance")
+            entry.update(
+                faster_peer=faster,
+                faster=ratio,
+                faster_cpu=_ratio(peer_cpu, node_cpu) if peer_cpu and node_cpu else None,
+                target=DEID_TARGET,
+                target_met=ratio is not None and ratio >= DEID_TARGET,
+            )
+        out.append(entry)
+    return out
+
+
+def run_deid(settings: Settings) -> dict[str, Any]:
+    systems = [s for s in DEID_ORDER if settings.wanted(s)]
+    datasets = [d for d in DEID_DATASETS if d in settings.datasets]
+    rows: list[dict[str, Any]] = []
+    ratios: list[dict[str, Any]] = []
+    for name in datasets:
+        ds = settings.dataset(name)
+        runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+        errors: dict[str, str] = {}
+        for rep in range(settings.repeat):
+            for system in alternating(systems, rep):
+                if system in errors:
+                    continue
+                try:
+                    result = _deid_once(settings, system, ds, f"deid-{name}-{system}-{rep}")
+                except MEASUREMENT_ERRORS as exc:
+                    errors[system] = brief(exc)
+                    settings.failures.append(f"deid {name} {system}: {brief(exc)}")
+                    settings.log(f"deid   {name:10s} {system:18s} FAILED: {exc}")
+                    continue
+                settings.log(
+                    f"deid   {name:10s} {system:18s} rep {rep + 1}: "
+                    f"{result['instances_per_s']:8.1f} inst/s "
+                    f"{result['cpu_ms_per_instance']:6.2f} ms CPU/inst "
+                    f"{result['peak_rss_mib']:6.1f} MiB"
+                )
+                runs[system].append(result)
+        for system in systems:
+            rows.append(
+                {"dataset": name, "system": system, **_outcome(runs[system], errors.get(system))}
+            )
+        ratios += _deid_ratios(rows, name)
+    return {
+        "datasets": [settings.dataset(n).describe() for n in datasets],
+        "systems": systems,
+        "cpu": deid_cpu(),
+        "method": (
+            "each tool in its own process pinned (sched_setaffinity) to one CPU, reading the "
+            "data set's files and writing its outputs to an empty folder; seconds: the loop "
+            "over the files only (imports, profile/recipe loading excluded, reported as "
+            "setup_seconds); every output checked not to hold the original PatientID"
+        ),
+        "tools": {
+            "node-basic-file": "gateway.deid.deidentify_file, profile basic (leak gate, "
+            "atomic write with fsync: the delivery worker's path)",
+            "node-basic-gate": "gateway.deid.deidentify_bytes, profile basic (leak gate), "
+            "plain write without fsync",
+            "node-basic-nogate": "dcmread + gateway.deid.deidentify (basic) + save_as, "
+            "no leak gate",
+            "dicognito": "dicognito.anonymizer.Anonymizer() defaults, dcmread + anonymize + "
+            "save_as",
+            "pydicom-deid": "deid default recipe (DeidRecipe()), per file get_identifiers + "
+            "replace_identifiers(save=True)",
+        },
+        "rows": rows,
+        "ratios": ratios,
+        "ratio_meaning": "node median instances/s / peer median instances/s (>1: node faster); "
+        f"target: >= {DEID_TARGET}x the faster peer; faster_cpu: the faster peer's CPU ms per "
+        "instance / the node's (less sensitive to the machine's load)",
+    }
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -455,13 +613,7 @@ REGISTRY: tuple[Scenario, ...] = (
         None,
         "not built into the harness yet (needs the node's peer destinations)",
     ),
-    Scenario(
-        "deid",
-        "3. De-identification: `basic` vs dicognito and pydicom/deid",
-        None,
-        "not built into the harness yet (dicognito and deid are not installed by "
-        "scripts/bootstrap)",
-    ),
+    Scenario("deid", "3. De-identification: `basic` vs dicognito and pydicom/deid", run_deid),
     Scenario(
         "pixels",
         "4. Pixels: frames/s cleaning, cleaning + OCR check",

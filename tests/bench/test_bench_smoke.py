@@ -54,7 +54,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "--concurrency",
             "1",
             "--systems",
-            "node,dcmtk-storescp-ignore,node-stream,direct",
+            "node,dcmtk-storescp-ignore,node-stream,direct,node-basic-file,dicognito,pydicom-deid",
             "--out",
             str(out),
             "--work",
@@ -99,8 +99,22 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert e2e["ratios"][0]["time"] > 0
     assert e2e["quiet_seconds"] > 0
 
+    deid = doc["scenarios"]["deid"]["result"]
+    assert deid["systems"] == ["node-basic-file", "dicognito", "pydicom-deid"]
+    assert [d["name"] for d in deid["datasets"]] == ["small"]
+    assert [r["system"] for r in deid["rows"]] == deid["systems"]
+    for row in deid["rows"]:
+        assert row["dataset"] == "small" and len(row["runs"]) == 1
+        for key in ("seconds", "instances_per_s", "cpu_ms_per_instance", "peak_rss_mib"):
+            _positive(row["summary"], key)
+    (ratio,) = deid["ratios"]
+    assert ratio["node"] == "node-basic-file" and ratio["target"] == 2.0
+    assert ratio["faster"] > 0 and ratio["faster_peer"] in ("dicognito", "pydicom-deid")
+    assert ratio["dicognito"] > 0 and ratio["pydicom-deid"] > 0
+
     not_measured = {item["key"] for item in doc["not_measured"]}
-    assert {"deid", "pixels", "sealed-transfer", "scale"} <= not_measured
+    assert "deid" not in not_measured
+    assert {"pixels", "sealed-transfer", "scale"} <= not_measured
     assert all(item["reason"] for item in doc["not_measured"])
 
     md = (out / "latest.md").read_text()
