@@ -9,6 +9,7 @@ import time
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
+from gateway.crypto.keys import CURRENT_KEK, Keyring, init_node_keys, keys_dir, load_keyring
 from gateway.dicom.qr_scu import UpstreamClient
 from gateway.dicom.server import DicomServer
 from gateway.dicom.tls import listener_context
@@ -36,9 +37,15 @@ class Node:
         self.clock = clock or SystemClock()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
-        self.spool = Spool(cfg.spool_dir, min_free_bytes=cfg.ingest.spool_min_free_bytes)
+        self.keyring = _spool_keyring(cfg)
+        self.spool = Spool(
+            cfg.spool_dir,
+            min_free_bytes=cfg.ingest.spool_min_free_bytes,
+            keyring=self.keyring,
+            reload_keyring=lambda: load_keyring(cfg.state_dir),
+        )
         self.metrics = Metrics()
-        self.deid_step = DeidStep(cfg, outgoing_dir=cfg.spool_dir / "outgoing")
+        self.deid_step = DeidStep(cfg, outgoing_dir=cfg.spool_dir / "outgoing", spool=self.spool)
         # peers: trusted material and this node's keys, loaded only when peers are in use
         uses_peers = cfg.peer.enabled or any(d.type == "peer" for d in cfg.destinations)
         self.peers = load_peers(cfg) if uses_peers else {}
@@ -48,6 +55,7 @@ class Node:
             self.peers,
             folder=cfg.spool_dir / "outgoing" / "sealed",
             profile_of=self.deid_step.summary,
+            spool=self.spool,
         )
         destinations: dict[str, Destination] = dict(
             build_destinations(cfg.destinations, calling_ae_title=cfg.dicom.ae_title)
@@ -88,6 +96,7 @@ class Node:
             on_security_event=lambda kind: self.metrics.security_events.labels(kind).inc(),
             tls_context=listener_context(cfg),
             query_retrieve=self._query_retrieve(),
+            spool=self.spool,
         )
         self.peer_server: PeerServer | None = None
         if cfg.peer.enabled and self.own_keys is not None:
@@ -171,3 +180,15 @@ class Node:
         if self._housekeeping is not None:
             self._housekeeping.join(grace)
         self.db.dispose()
+
+
+def _spool_keyring(cfg: GatewayConfig) -> Keyring:
+    """The keyring the spool is encrypted under; development keys on a first start."""
+    if not (keys_dir(cfg.state_dir) / CURRENT_KEK).exists():
+        result = init_node_keys(cfg.state_dir)
+        log.warning(
+            "generated development node keys (spool key-encryption key, signing and HPKE "
+            "keys); run dicom-gateway keys init for production and back them up",
+            extra={"path": str(keys_dir(cfg.state_dir)), "files": list(result.created)},
+        )
+    return load_keyring(cfg.state_dir)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import ssl
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,9 @@ from pynetdicom.presentation import build_context
 from gateway.config import DestinationConfig
 from gateway.crypto.tls import check_pin
 from gateway.dicom.contexts import UNCOMPRESSED
+from gateway.dicom.spool_io import open_plain
 from gateway.dicom.tls import destination_context
-from gateway.errors import IntegrityError, PermanentError, RetryableError
+from gateway.errors import IntegrityError, PermanentError, QuarantineError, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +138,19 @@ class StoreSCU:
 
         def send(f: OutgoingFile) -> int:
             syntaxes = accepted.get(f.sop_class_uid, set())
-            if f.transfer_syntax_uid in syntaxes:
-                rsp = assoc.send_c_store(f.path)
-            elif syntaxes & _UNCOMPRESSED:
-                rsp = send_converted(assoc, f, syntaxes)
-            else:
-                raise NoAcceptableSyntax(
-                    "destination accepted no transfer syntax for this SOP class"
-                )
+            try:
+                if f.transfer_syntax_uid in syntaxes:
+                    rsp = assoc.send_c_store(f.path)  # decrypted by gateway.dicom.spool_io
+                elif syntaxes & _UNCOMPRESSED:
+                    rsp = send_converted(assoc, f, syntaxes)
+                else:
+                    raise NoAcceptableSyntax(
+                        "destination accepted no transfer syntax for this SOP class"
+                    )
+            except IntegrityError as exc:
+                # only verified segments went out; aborting leaves the destination nothing
+                assoc.abort()
+                raise QuarantineError(f"spool file integrity check failed: {exc}") from None
             if not assoc.is_established and not rsp:
                 raise RetryableError("association lost while sending (timeout or abort)")
             status = getattr(rsp, "Status", None)
@@ -180,28 +184,21 @@ class StoreSCU:
 
 
 def send_converted(assoc: Any, f: OutgoingFile, syntaxes: set[str], *, msg_id: int = 1) -> Any:
-    """Send ``f`` decoded, in a syntax ``syntaxes`` accepted (decompressing if need be)."""
+    """Send ``f`` decoded, in a syntax ``syntaxes`` accepted (decompressing if need be).
+
+    The decoded data set is sent from memory: no plaintext copy is written to disk."""
     try:
-        ds = dcmread(f.path)
+        with open_plain(f.path) as fp:
+            ds = dcmread(fp)
         if f.transfer_syntax_uid not in _UNCOMPRESSED:
             # A change of encoding, not a new instance: the SOP Instance UID stays
             # (pydicom would otherwise make a new one, and a retry a second copy).
             ds.decompress(generate_instance_uid=False)
+    except IntegrityError:
+        raise
     except Exception as exc:  # any decoder failure: the instance cannot be converted
         raise NoAcceptableSyntax(
             f"cannot decompress {f.transfer_syntax_uid} for a destination accepting "
             "only uncompressed syntaxes"
         ) from exc
-    fd, name = tempfile.mkstemp(suffix=".dcm")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        return (
-            assoc.send_c_store(tmp, msg_id=msg_id)
-            if str(ds.file_meta.TransferSyntaxUID) in syntaxes
-            else assoc.send_c_store(ds, msg_id=msg_id)
-        )
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    return assoc.send_c_store(ds, msg_id=msg_id)

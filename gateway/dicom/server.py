@@ -3,7 +3,8 @@
 This module is the boundary between pynetdicom and the rest of the node. It
 
 * receives C-STORE data sets in chunks to a file in the spool's ``incoming`` folder, so
-  memory stays bounded whatever the instance size;
+  memory stays bounded whatever the instance size, encrypted as it arrives (an envelope
+  under the spool's current key-encryption key: plaintext never touches the disk);
 * listens on a plain port, a TLS port (PS3.15 B.9, 2762 by convention) or both; the TLS
   handshake runs on the connection's own thread with a deadline, never on the accept
   thread (pynetdicom's ``get_request`` would let one silent client stall every other);
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, dimse_messages, evt
@@ -43,6 +44,9 @@ from pynetdicom.dsutils import decode
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway.config import DicomConfig, is_valid_ae_title
+from gateway.crypto.envelope import EnvelopeWriter
+from gateway.crypto.kek import DataKeyWrapper
+from gateway.dicom import spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedSocket
@@ -68,6 +72,7 @@ from gateway.errors import (
     SpoolFullError,
 )
 from gateway.ids import new_id
+from gateway.spool.store import Spool
 from gateway.text import safe_text
 
 log = logging.getLogger(__name__)
@@ -296,8 +301,11 @@ class DicomServer:
         on_security_event: Callable[[str], None] | None = None,
         tls_context: ssl.SSLContext | None = None,
         query_retrieve: QueryRetrieveListener | None = None,
+        spool: Spool | None = None,
     ) -> None:
         """``query_retrieve`` answers C-FIND/C-MOVE/C-GET (no Q/R contexts without it).
+        With ``spool`` (and its keyring) receive buffers are envelopes and pynetdicom reads
+        spool files as plaintext (:mod:`gateway.dicom.spool_io`).
         ``tls_context`` (a :func:`gateway.crypto.tls.server_context`) opens the TLS
         listener on ``cfg.tls.port``; the plain one runs unless ``cfg.tls.plain`` is false."""
         self.cfg = cfg
@@ -311,7 +319,7 @@ class DicomServer:
         self._tls_server: ThreadedAssociationServer | None = None
         self._handshaking = 0  # TLS connections not yet through their handshake
         self._handshaking_lock = threading.Lock()
-        configure_pynetdicom(incoming_dir)
+        configure_pynetdicom(incoming_dir, spool=spool)
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = cfg.max_pdu_size
         ae.acse_timeout = cfg.acse_timeout
@@ -705,12 +713,15 @@ def _any_uid_text(value: object) -> tuple[bool, str]:
     return isinstance(value, str), "must be a str"
 
 
-def configure_pynetdicom(incoming_dir: Path) -> None:
+def configure_pynetdicom(incoming_dir: Path, *, spool: Spool | None = None) -> None:
     """Process-wide pynetdicom settings the node relies on.
 
     Data sets are received to, and sent from, files in chunks, and the receive buffer files
-    are created in the spool's ``incoming`` folder, on the spool's filesystem.
+    are created in the spool's ``incoming`` folder, on the spool's filesystem. With a
+    ``spool`` holding a keyring, receive buffers are written as envelopes under its current
+    key-encryption key and spool files are sent decrypted (:mod:`gateway.dicom.spool_io`).
     """
+    global _receive_kek
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.LOG_REQUEST_IDENTIFIERS = False
@@ -722,7 +733,12 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     incoming_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(incoming_dir)
     dimse_messages.NamedTemporaryFile = _ReceiveBuffer  # type: ignore[attr-defined,assignment]
+    _receive_kek = spool.keyring.current if spool is not None and spool.keyring else None
+    spool_io.install(spool)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+_receive_kek: DataKeyWrapper | None = None
 
 
 class _ReceiveBuffer:
@@ -731,6 +747,10 @@ class _ReceiveBuffer:
     pynetdicom writes the data set from its reactor thread; an ``OSError`` there kills the
     association without a C-STORE response. Instead the error is kept, the rest of the data
     set is dropped, and :meth:`DicomServer._store` answers 0xA700 for the incomplete file.
+
+    With a key-encryption key configured, the bytes go through an :class:`EnvelopeWriter`;
+    :meth:`finish` (from the C-STORE handler, before parsing) writes the final segment. A
+    buffer never finished (association aborted) has no final segment and never opens.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -738,6 +758,11 @@ class _ReceiveBuffer:
         self.name: str = self._f.name
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error: OSError | None = None
+        self._envelope: EnvelopeWriter | None = None
+        if _receive_kek is not None:
+            kek = _receive_kek
+            sink = cast(BinaryIO, self._f)
+            self._guard(lambda: setattr(self, "_envelope", EnvelopeWriter(sink, kek)))
 
     def _guard(self, op: Callable[[], object]) -> None:
         if self.error is None:
@@ -747,10 +772,18 @@ class _ReceiveBuffer:
                 self.error = exc
 
     def write(self, data: bytes) -> int:
-        self._guard(lambda: self._f.write(data))
+        sink = self._envelope if self._envelope is not None else self._f
+        self._guard(lambda: sink.write(data))
         return len(data)
 
     def flush(self) -> None:
+        if self._envelope is None:  # sealed segments go to the file as written; the rest at finish
+            self._guard(self._f.flush)
+
+    def finish(self) -> None:
+        """Seal the final segment and flush: the file is now a complete envelope."""
+        if self._envelope is not None:
+            self._guard(self._envelope.close)
         self._guard(self._f.flush)
 
     def close(self) -> None:
@@ -760,6 +793,8 @@ class _ReceiveBuffer:
 
 def _check_receive_buffer(req: Any) -> None:
     buffer = getattr(req, "_dataset_file", None)
+    if isinstance(buffer, _ReceiveBuffer):
+        buffer.finish()
     if isinstance(buffer, _ReceiveBuffer) and buffer.error is not None:
         if buffer.error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SpoolFullError("spool filesystem is full (receive buffer)")

@@ -7,9 +7,11 @@ refused with 0xC000 (Cannot Understand) before anything is stored.
 
 from __future__ import annotations
 
+import io
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
@@ -24,13 +26,30 @@ from gateway.errors import IngestError
 _DEFER = 8192
 
 
-def read_header(path: Path, *, max_depth: int) -> Dataset:
-    """Parse ``path`` (a DICOM file) keeping large values on disk; check it is whole."""
-    size = path.stat().st_size
+def read_header(
+    path: Path, *, max_depth: int, opener: Callable[[Path], BinaryIO] | None = None
+) -> Dataset:
+    """Parse ``path`` (a DICOM file) keeping large values on disk; check it is whole.
+
+    ``opener`` gives the file's plaintext as a seekable file object (the spool's verifying
+    envelope reader, :meth:`gateway.spool.store.Spool.open_path`); the extent check is
+    against the plaintext's length. Values over 8 KiB (Pixel Data among them) are deferred
+    and never read: the reader is closed on return, so a later read of one fails with
+    ValueError instead of bringing it into memory.
+    """
     try:
-        ds = dcmread(path, defer_size=_DEFER)
-        _check_extent(ds, size)
-        _check_depth(ds, max_depth)
+        if opener is None:
+            size = path.stat().st_size
+            ds = dcmread(path, defer_size=_DEFER)
+            _check_extent(ds, size)
+            _check_depth(ds, max_depth)
+        else:
+            with opener(path) as fp:
+                size = fp.seek(0, io.SEEK_END)
+                fp.seek(0)
+                ds = dcmread(fp, defer_size=_DEFER)
+                _check_extent(ds, size)
+                _check_depth(ds, max_depth)
     except RecursionError as exc:
         raise IngestError(st.CANNOT_UNDERSTAND, "sequence-nesting-too-deep") from exc
     except IngestError:

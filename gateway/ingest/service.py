@@ -263,7 +263,11 @@ class IngestService:
     def _validate(self, request: StoreRequest) -> _Header:
         if not is_valid_uid(request.sop_instance_uid) or not is_valid_uid(request.sop_class_uid):
             raise IngestError(st.INVALID_OBJECT_INSTANCE, "invalid-uid-in-command")
-        ds = read_header(request.dataset_path, max_depth=self.cfg.dicom.max_sequence_depth)
+        ds = read_header(
+            request.dataset_path,
+            max_depth=self.cfg.dicom.max_sequence_depth,
+            opener=self.spool.open_path,
+        )
         if _text(ds, "SOPInstanceUID", 65) != request.sop_instance_uid:
             raise IngestError(st.DATASET_MISMATCH, "sop-instance-uid-differs-from-command")
         if _text(ds, "SOPClassUID", 65) != request.sop_class_uid:

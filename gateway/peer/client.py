@@ -46,12 +46,19 @@ from gateway.crypto.seal import (
     verify_receipt,
 )
 from gateway.dicom.scu import OutgoingFile
-from gateway.errors import CryptoError, PermanentError, RetryableError
+from gateway.errors import (
+    CryptoError,
+    IntegrityError,
+    PermanentError,
+    QuarantineError,
+    RetryableError,
+)
 from gateway.ids import new_id
 from gateway.index.db import Database
 from gateway.index.models import PeerReceipt
 from gateway.peer.channel import client_peer_context
 from gateway.peer.material import OwnKeys, PeerTrust
+from gateway.spool.store import Spool
 from gateway.transfer.destinations import Report, SendResult
 from gateway.transfer.pipeline import DeliveryContext
 
@@ -82,8 +89,10 @@ class SealStep:
         *,
         folder: Path,
         profile_of: Callable[[str], Mapping[str, object]],
+        spool: Spool,
     ) -> None:
         self.peers = peers
+        self.spool = spool  # instances are read as verified plaintext through it
         self.folder = folder
         self.suite = HpkeSuite(cfg.peer.suite)
         self.targets = {d.name: d.peer for d in cfg.destinations if d.type == "peer"}
@@ -120,10 +129,12 @@ class SealStep:
         package.folder.mkdir(parents=True, exist_ok=True)
         out = package.folder / f"{index}.sealed"
         try:
-            with item.path.open("rb") as src, out.open("wb") as dst:
+            with self.spool.open_path(item.path) as src, out.open("wb") as dst:
                 entry = seal_instance(
                     src, dst, recipient, package_id=delivery.delivery_id, index=index
                 )
+        except IntegrityError as exc:
+            raise QuarantineError(f"spool file integrity check failed: {exc}") from None
         except OSError as exc:
             raise RetryableError(f"sealing instance {index}: {exc.strerror}") from None
         with self._lock:

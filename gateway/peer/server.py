@@ -39,15 +39,16 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, BinaryIO, Final, cast
 
 from aiohttp import web
+from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 
 from gateway.audit.chain import AuditRecord, append
 from gateway.clock import Clock
 from gateway.config import GatewayConfig
+from gateway.crypto.envelope import EnvelopeWriter
 from gateway.crypto.seal import (
     Manifest,
     Receipt,
@@ -66,6 +67,7 @@ from gateway.ingest.service import IngestService
 from gateway.metrics import Metrics
 from gateway.peer.channel import handshake_reason, server_peer_context
 from gateway.peer.material import OwnKeys, PeerTrust
+from gateway.spool.store import Spool
 
 log = logging.getLogger(__name__)
 
@@ -260,16 +262,21 @@ class Receiver:
         entry = manifest.instances[index]
         target = folder / f"{entry.sha256}.dcm"
         plain = folder / f".plain-{new_id()}"
+        keyring = self.ingest.spool.keyring
         try:
             with sealed.open("rb") as src, plain.open("wb") as dst:
+                # staged as an envelope under the spool's key: committed to the spool as is
+                sink = dst if keyring is None else EnvelopeWriter(dst, keyring.current)
                 open_instance_to(
                     src,
-                    dst,
+                    cast(BinaryIO, sink),
                     self.own.hpke[manifest.hpke_suite],
                     package_id=package_id,
                     index=index,
                     expected=entry,
                 )
+                if isinstance(sink, EnvelopeWriter):
+                    sink.close()
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(plain, target)
@@ -304,7 +311,7 @@ class Receiver:
             for i, entry in enumerate(manifest.instances):
                 link = folder / f".ingest-{i}-{new_id()}"
                 os.link(folder / f"{entry.sha256}.dcm", link)
-                requests.append(_request_for(link))
+                requests.append(_request_for(link, self.ingest.spool))
             try:
                 response = self._ingest(peer, address, document, manifest, requests)
             finally:
@@ -399,16 +406,17 @@ class Receiver:
         }
 
 
-def _request_for(path: Path) -> StoreRequest:
+def _request_for(path: Path, spool: Spool) -> StoreRequest:
     try:
-        meta = read_file_meta_info(path)
+        with spool.open_path(path) as fp:
+            meta = dcmread(fp, stop_before_pixels=True, specific_tags=[0x00080016]).file_meta
         return StoreRequest(
             sop_class_uid=str(meta.MediaStorageSOPClassUID),
             sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
             transfer_syntax_uid=str(meta.TransferSyntaxUID),
             dataset_path=path,
         )
-    except (InvalidDicomError, AttributeError, OSError, ValueError) as exc:
+    except (InvalidDicomError, AttributeError, OSError, ValueError, CryptoError) as exc:
         path.unlink(missing_ok=True)
         raise Refusal(
             422, "instance-not-dicom", "an instance has no DICOM file meta", security=False

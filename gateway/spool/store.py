@@ -6,6 +6,12 @@ Layout under the spool root::
     objects/ab/    committed objects, ``<key>.dcm``, key = :func:`gateway.ids.new_id`
 
 A name in the spool never holds anything a peer sent (AE titles, UIDs): only our keys.
+
+With a keyring (the node always gives one) every file the node writes here is an envelope
+(:mod:`gateway.crypto.envelope`: AES-256-GCM segments under a random data key wrapped by the
+current key-encryption key): receive buffers are encrypted as they arrive, so plaintext never
+touches the disk. Readers get the verified plaintext through :meth:`Spool.open` /
+:meth:`Spool.open_path` (seekable, memory bounded); :meth:`Spool.path_of` is the file itself.
 """
 
 from __future__ import annotations
@@ -15,11 +21,15 @@ import errno
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
-from gateway.errors import SpoolError, SpoolFullError
+from gateway.crypto.envelope import EnvelopeWriter, open_envelope_file
+from gateway.crypto.keys import Keyring
+from gateway.errors import CryptoError, IntegrityError, SpoolError, SpoolFullError
 from gateway.ids import new_id
 
 log = logging.getLogger(__name__)
@@ -38,9 +48,21 @@ class SpooledObject:
 
 
 class Spool:
-    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        min_free_bytes: int = 0,
+        keyring: Keyring | None = None,
+        reload_keyring: Callable[[], Keyring] | None = None,
+    ) -> None:
+        """Without ``keyring`` files are plaintext (tools and unit tests only).
+        ``reload_keyring`` is called once when an envelope names a key-encryption key the
+        keyring lacks (``keys rotate`` ran while the node was up and rewrapped it)."""
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self.keyring = keyring
+        self._reload_keyring = reload_keyring
         self.incoming = root / "incoming"
         self.objects = root / "objects"
         for d in (self.incoming, self.objects):
@@ -58,10 +80,11 @@ class Spool:
             raise SpoolFullError(f"spool free space {free} below the mark {self.min_free_bytes}")
 
     def digest(self, path: Path) -> tuple[int, str]:
-        """Size and SHA-256 of a file, read in chunks."""
+        """Size and SHA-256 of a file's plaintext, read in chunks (IntegrityError if an
+        envelope does not verify)."""
         h = hashlib.sha256()
         size = 0
-        with path.open("rb") as f:
+        with self.open_path(path) as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
                 size += len(chunk)
@@ -89,7 +112,54 @@ class Spool:
             raise SpoolError(f"spool write failed: {exc.strerror}") from exc
         return SpooledObject(key=key, path=final, size=size, sha256=sha256)
 
+    def write_file(self, target: Path, data: bytes) -> None:
+        """Write ``data`` to ``target`` (inside the spool) encrypted, atomically, durably."""
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".write-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if self.keyring is None:
+                    f.write(data)
+                else:
+                    with EnvelopeWriter(f, self.keyring.current) as writer:
+                        writer.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(target.parent)
+
     # --- reading -------------------------------------------------------------------------
+    def open(self, key: str) -> BinaryIO:
+        """The verified plaintext of object ``key``, seekable (see :meth:`open_path`)."""
+        return self.open_path(self.path_of(key))
+
+    def open_path(self, path: Path) -> BinaryIO:
+        """The plaintext of a spool file, seekable: every byte comes from a segment whose
+        tag verified (IntegrityError names the segment otherwise; a truncated file fails
+        here, at open). Memory stays near two segments whatever the file's size."""
+        if self.keyring is None:
+            return open(path, "rb")  # the caller closes it
+        # Not wrapped in io.BufferedReader: pydicom takes one for a plain file and would
+        # re-open its path (the ciphertext) for deferred reads.
+        try:
+            return cast(BinaryIO, open_envelope_file(path, self.keyring))
+        except IntegrityError:
+            raise
+        except CryptoError:
+            if self._reload_keyring is None:
+                raise
+            self.keyring = self._reload_keyring()
+            return cast(BinaryIO, open_envelope_file(path, self.keyring))
+
+    def holds(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` names a file inside this spool (so is an envelope)."""
+        try:
+            return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(self.root))
+        except (TypeError, ValueError):
+            return False
+
     def path_of(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
             raise SpoolError("malformed spool key")

@@ -6,21 +6,27 @@ the delivery is sent. Any failure raises :class:`~gateway.errors.QuarantineError
 reason naming tag paths and error types, never values; the worker then quarantines the
 delivery. Profiles are read at every attempt, so a fixed profile applies when an admin
 re-queues a quarantined delivery.
+
+The instance is read as plaintext through the spool (verified envelope segments) and the
+prepared output is written back as an envelope under the spool's key-encryption key: a
+prepared file is never plaintext on disk either.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 from pathlib import Path
 
-from pydicom.filereader import read_file_meta_info
+from pydicom import dcmread
 
 from gateway.config import GatewayConfig
-from gateway.deid import ProjectKey, deidentify_file, generate_secret_file, load_profile
+from gateway.deid import ProjectKey, deidentify_bytes, generate_secret_file, load_profile
 from gateway.deid.profiles import Profile
 from gateway.dicom.scu import OutgoingFile
-from gateway.errors import ConfigError, DeidError, ProfileError, QuarantineError
+from gateway.errors import ConfigError, DeidError, IntegrityError, ProfileError, QuarantineError
+from gateway.spool.store import Spool
 from gateway.transfer.pipeline import DeliveryContext
 
 log = logging.getLogger(__name__)
@@ -60,9 +66,10 @@ def project_key(cfg: GatewayConfig) -> ProjectKey:
 class DeidStep:
     """Pipeline step: de-identify with the delivery's profile, or pass through without one."""
 
-    def __init__(self, cfg: GatewayConfig, *, outgoing_dir: Path) -> None:
+    def __init__(self, cfg: GatewayConfig, *, outgoing_dir: Path, spool: Spool) -> None:
         self.cfg = cfg
         self.outgoing_dir = outgoing_dir
+        self.spool = spool
         self._key: ProjectKey | None = None
         self._summaries: dict[str, dict[str, object]] = {}
 
@@ -81,8 +88,13 @@ class DeidStep:
             profile = resolve_profile(self.cfg, delivery.profile)
             out_dir = self.folder(delivery.delivery_id)
             out_dir.mkdir(parents=True, exist_ok=True)
-            result = deidentify_file(item.path, out_dir, profile, self.key())
-            meta = read_file_meta_info(result.path)
+            with self.spool.open_path(item.path) as src:
+                data = src.read()
+            encoded, uid, _report = deidentify_bytes(data, profile, self.key())
+            del data
+            target = out_dir / f"{uid}.dcm"
+            self.spool.write_file(target, encoded)
+            meta = dcmread(io.BytesIO(encoded), stop_before_pixels=True).file_meta
             summary = self._summaries.setdefault(
                 delivery.delivery_id,
                 {
@@ -97,13 +109,15 @@ class DeidStep:
             raise QuarantineError(f"profile {delivery.profile!r} cannot be loaded: {exc}") from None
         except DeidError as exc:
             raise QuarantineError(f"de-identification failed closed: {exc}") from None
+        except IntegrityError as exc:
+            raise QuarantineError(f"spool file integrity check failed: {exc}") from None
         except OSError as exc:
             raise QuarantineError(f"de-identification output: {exc.strerror}") from None
         return OutgoingFile(
             sop_class_uid=item.sop_class_uid,
-            sop_instance_uid=result.sop_instance_uid,
+            sop_instance_uid=uid,
             transfer_syntax_uid=str(meta.TransferSyntaxUID),
-            path=result.path,
+            path=target,
         )
 
     def summary(self, delivery_id: str) -> dict[str, object]:
