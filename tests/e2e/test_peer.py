@@ -281,6 +281,20 @@ def test_study_goes_sealed_from_a_through_b_to_orthanc_across_kills(
     assert _count(b, "select count(*) from instances") == n
     assert _count(b, "select count(distinct sop_instance_uid) from instances") == n
     assert not list((b.state_dir / "peer-staging").glob("*/*.dcm"))
+    # relays, spools and disks see ciphertext: nothing in either node's spool reads as DICOM
+    spooled = [
+        path
+        for node in (a, b)
+        for folder in ("spool", "peer-staging")
+        for path in (node.state_dir / folder).rglob("*")
+        if path.is_file()
+    ]
+    assert spooled
+    for path in spooled:
+        data = path.read_bytes()
+        assert b"DICM" not in data, path
+        for marker in (PATIENT_ID, "Nakamura", "ACC-PEER-1"):
+            assert marker.encode() not in data, path
 
 
 def _flip(data: bytes, at: int) -> bytes:
