@@ -53,6 +53,7 @@ from gateway.crypto.kek import (
     WrapScheme,
     check_key_id,
 )
+from gateway.durable import fsync_dir
 from gateway.errors import CryptoError, IntegrityError
 
 MAGIC: Final = b"DGWENV"
@@ -582,7 +583,7 @@ def encrypt_file(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def decrypt_to(src: Path, dst_fileobj: BinaryIO, keyring: DataKeyUnwrapper) -> int:
@@ -613,11 +614,3 @@ def decrypt_bytes(envelope: bytes, keyring: DataKeyUnwrapper) -> bytes:
     """Return the verified plaintext of an in-memory envelope."""
     with open_envelope(io.BytesIO(envelope), keyring) as reader:
         return reader.read()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

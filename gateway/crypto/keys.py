@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 from gateway.crypto.envelope import rewrap_header
 from gateway.crypto.kek import KEK_BYTES, KeyEncryptionKey, WrapScheme, unwrap_with_kek
+from gateway.durable import fsync_dir
 from gateway.errors import CryptoError
 
 KEYS_DIR = "keys"
@@ -110,7 +111,7 @@ def write_private_file(path: Path, data: bytes) -> bool:
         return False
     finally:
         tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -125,15 +126,7 @@ def _replace_private_file(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _pem_private(key: ed25519.Ed25519PrivateKey | x25519.X25519PrivateKey) -> bytes:

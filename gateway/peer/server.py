@@ -59,6 +59,7 @@ from gateway.crypto.seal import (
 )
 from gateway.crypto.tls import certificate_sha256
 from gateway.dicom.server import AssociationInfo, StoreRequest
+from gateway.durable import fsync_dir
 from gateway.errors import CryptoError, GatewayError, IndexError_, IngestError, IntegrityError
 from gateway.ids import new_id
 from gateway.index.db import Database
@@ -97,14 +98,6 @@ class Refusal(Exception):
         self.extra = extra
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_durable(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".tmp-{new_id()}")
     with tmp.open("wb") as f:
@@ -112,7 +105,7 @@ def _write_durable(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Receiver:
@@ -280,7 +273,7 @@ class Receiver:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(plain, target)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except CryptoError as exc:  # IntegrityError included
             raise Refusal(422, "instance-does-not-verify", str(exc)) from None
         finally:

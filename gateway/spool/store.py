@@ -29,6 +29,7 @@ from typing import BinaryIO, cast
 
 from gateway.crypto.envelope import EnvelopeWriter, open_envelope_file
 from gateway.crypto.keys import Keyring
+from gateway.durable import fsync_dir
 from gateway.errors import CryptoError, IntegrityError, SpoolError, SpoolFullError
 from gateway.ids import new_id
 
@@ -103,9 +104,9 @@ class Spool:
             parent = final.parent
             if not parent.exists():
                 parent.mkdir(exist_ok=True)
-                _fsync_dir(self.objects)
+                fsync_dir(self.objects)
             os.rename(temp, final)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError("spool filesystem is full") from exc
@@ -128,7 +129,7 @@ class Spool:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     # --- reading -------------------------------------------------------------------------
     def open(self, key: str) -> BinaryIO:
@@ -204,11 +205,3 @@ class Spool:
             except FileNotFoundError:
                 continue
         return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
