@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="only these systems (ingest: node, dcmtk-storescp, dcmtk-storescp-ignore, "
         "orthanc, pynetdicom-scp; e2e: node-stream, node-study, orthanc-router, direct, "
         "node-stream-basic (only when named); deid: node-basic-file, node-basic-gate, "
-        "node-basic-nogate, dicognito, pydicom-deid)",
+        "node-basic-nogate, dicognito, pydicom-deid; sealed-transfer: peer-sealed, "
+        "peer-plain-cstore, aes-256-gcm-raw, spool-write-sealed, spool-write-plain)",
     )
     p.add_argument(
         "--datasets",
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 "node": "dicom-gateway serve, SQLite index, durable spool, audit on, defaults",
                 "dicognito / pydicom-deid (deid scenario)": "their defaults (Anonymizer(); the "
                 "default deid recipe), one process pinned to one CPU, as the node's basic",
+                "node A -> node B (sealed-transfer scenario)": "two nodes as above, study "
+                "route, peer destination (HPKE, mutual TLS) or plain C-STORE",
             },
         },
         "scenarios": {},

@@ -144,10 +144,54 @@ def _deid_md(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sealed_md(result: dict[str, Any]) -> list[str]:
+    ds = result["dataset"]
+    lines = [
+        f"{ds['instances']} CT instances ({ds['total_bytes'] / 1e6:.1f} MB). Method: "
+        f"{result['method']}. Quiet period {result['quiet_seconds']} s, worker/routing "
+        f"intervals {result['node_worker_intervals']} s.",
+        "",
+        "What: " + "; ".join(f"`{k}`: {v}" for k, v in result["tools"].items()) + ".",
+        "",
+        "| measurement | MB/s | A->B MB/s after sender | seconds | excl. quiet | sender s | "
+        "A CPU ms/inst | B CPU ms/inst | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['system']} | FAILED: {row['error']} | | | | | | | |")
+            continue
+        s = row["summary"]
+        lines.append(
+            f"| {row['system']} | {_cell(s, 'mb_per_s')} | {_cell(s, 'a_to_b_mb_per_s')} | "
+            f"{_cell(s, 'seconds', 3)} | {_cell(s, 'seconds_excluding_quiet', 2)} | "
+            f"{_cell(s, 'sender_seconds', 2)} | {_cell(s, 'node_a_cpu_ms_per_instance', 2)} | "
+            f"{_cell(s, 'node_b_cpu_ms_per_instance', 2)} | {_cell(s, 'load_1min')} |"
+        )
+    lines += [
+        "",
+        f"Ratios, {result['ratio_meaning']}:",
+        "",
+        "| ratio | MB/s |",
+        "|---|---:|",
+    ]
+    if not result["ratios"]:
+        lines.append("| (no ratios: a side was left out or failed) | |")
+    for r in result["ratios"]:
+        value = r["mb_per_s"]
+        lines.append(f"| {r['ratio']} | {'-' if value is None else f'{value:.3g}x'} |")
+    return lines
+
+
 PEER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 """The node is always red; peers never are."""
 
-RENDERERS = {"ingest": _ingest_md, "e2e": _e2e_md, "deid": _deid_md}
+RENDERERS = {
+    "ingest": _ingest_md,
+    "e2e": _e2e_md,
+    "deid": _deid_md,
+    "sealed-transfer": _sealed_md,
+}
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -328,4 +372,40 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "deid_throughput.png", dpi=110)
         plt.close(fig)
         written.append("deid_throughput.png")
+    sealed = doc["scenarios"].get("sealed-transfer", {}).get("result")
+    if sealed and any("error" not in row for row in sealed["rows"]):
+        bars: list[tuple[str, dict[str, float], str]] = []
+        for row in sealed["rows"]:
+            if "error" in row:
+                continue
+            s = row["summary"]
+            node = row["system"].startswith("peer-")
+            bars.append((row["system"], s["mb_per_s"], "tab:red" if node else "tab:gray"))
+            if "a_to_b_mb_per_s" in s:
+                bars.append(
+                    (row["system"] + " (A->B after sender)", s["a_to_b_mb_per_s"], "salmon")
+                )
+        fig, ax = plt.subplots(figsize=(8, 0.5 * len(bars) + 1.4))
+        ax.barh(
+            range(len(bars)),
+            [b[1]["median"] for b in bars],
+            xerr=[
+                [b[1]["median"] - b[1]["min"] for b in bars],
+                [b[1]["max"] - b[1]["median"] for b in bars],
+            ],
+            color=[b[2] for b in bars],
+            capsize=3,
+        )
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(bars)))
+        ax.set_yticklabels([b[0] for b in bars], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("MB/s, log scale (higher is better); whiskers = min/max")
+        ax.set_title(
+            f"Sealed transfer, {sealed['dataset']['instances']} CT instances, node A -> node B"
+        )
+        fig.tight_layout()
+        fig.savefig(out / "sealed_transfer.png", dpi=110)
+        plt.close(fig)
+        written.append("sealed_transfer.png")
     return written

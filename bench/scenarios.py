@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import data
+from bench import crypto_throughput, data
 from bench.procstat import TreeMonitor, wait_idle
 from bench.systems import (
     INGEST_SYSTEMS,
@@ -33,6 +34,9 @@ from bench.systems import (
     stop_process,
     wait_storescu,
 )
+from gateway.crypto.tls import ca_init
+from tests.support.node import GatewayNode
+from tests.support.peers import LOOPBACK, free_port
 
 MIB = 1024 * 1024
 
@@ -585,6 +589,268 @@ def run_deid(settings: Settings) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- 5. sealed transfer
+
+SEALED_TRANSFER = "peer-sealed"
+PLAIN_TRANSFER = "peer-plain-cstore"
+RAW_AES = "aes-256-gcm-raw"
+SPOOL_SEALED = "spool-write-sealed"
+SPOOL_PLAIN = "spool-write-plain"
+SEALED_ORDER = (SEALED_TRANSFER, PLAIN_TRANSFER, RAW_AES, SPOOL_SEALED, SPOOL_PLAIN)
+SEALED_TRANSFERS = (SEALED_TRANSFER, PLAIN_TRANSFER)
+RAW_AES_BYTES = 64 * MIB
+"""Bytes AESGCM.encrypt runs over per repetition (1 MiB segments, one core)."""
+
+
+def _trust(giver: GatewayNode, taker: GatewayNode) -> None:
+    """``peers export`` on ``giver``, ``peers add`` on ``taker`` (as tests/e2e/test_peer.py)."""
+    export = giver.root / f"{giver.node_name}.export.json"
+    export.write_text(giver.cli("peers", "export", check=True).stdout)
+    taker.cli("peers", "add", str(export), check=True)
+
+
+def _node_pair(
+    settings: Settings, root: Path, system: str, keys: Path | None = None
+) -> tuple[GatewayNode, GatewayNode]:
+    """Node A (study route to B: ``type = "peer"`` or a DICOM destination, no profile) and
+    node B (peer endpoint on, no route), trusting each other whichever way A sends.  Their key
+    material and peer entries are copied from ``keys`` (a pair made by
+    :func:`_key_material`), so a run spends no time on ``keys init`` and ``peers add``."""
+    a_port, b_port = free_port(), free_port()
+    worker = {
+        **NODE_DEFAULT_WORKER,
+        "poll_interval": settings.worker_interval,
+        "routing_interval": settings.worker_interval,
+    }
+    b = GatewayNode(
+        root / "b",
+        name="node-b",
+        ae_title="NODEB",
+        peer={"port": b_port},
+        peers=[{"name": "node-a", "url": f"https://{LOOPBACK}:{a_port}"}],
+        worker=worker,
+    )
+    if system == SEALED_TRANSFER:
+        destination: dict[str, Any] = {"name": "b", "type": "peer", "peer": "node-b"}
+    else:
+        destination = {"name": "b", "ae_title": "NODEB", "host": LOOPBACK, "port": b.port}
+    a = GatewayNode(
+        root / "a",
+        name="node-a",
+        ae_title="NODEA",
+        peer={"port": a_port, "enabled": False},
+        peers=[{"name": "node-b", "url": f"https://{LOOPBACK}:{b_port}", "timeout": 120}],
+        destinations=[destination],
+        routes=[
+            {
+                "name": "to-b",
+                "destinations": ["b"],
+                "mode": "study",
+                "quiet_seconds": settings.quiet_seconds,
+            }
+        ],
+        worker=worker,
+    )
+    if keys is not None:
+        for node in (a, b):
+            shutil.copytree(keys / node.root.name / "state", node.state_dir)
+    return a, b
+
+
+def _key_material(settings: Settings, root: Path) -> Path:
+    """A deployment CA (``ca_init``) and, in ``root/a`` and ``root/b``, node A's and node B's
+    ``keys init --ca`` and each other's ``peers export``/``peers add``, made once per run of
+    the scenario and copied into every pair's fresh state folders."""
+    ca_init(root / "ca")
+    a, b = _node_pair(settings, root, SEALED_TRANSFER)
+    for node in (a, b):
+        node.cli("keys", "init", "--ca", str(root / "ca"), check=True)
+    _trust(b, a)
+    _trust(a, b)
+    return root
+
+
+def _index_count(node: GatewayNode) -> int:
+    db = node.state_dir / "index.sqlite3"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM instances").fetchone()
+    return int(count)
+
+
+def _transfer_once(
+    settings: Settings, system: str, ds: data.DataSet, keys: Path, label: str
+) -> dict[str, float]:
+    root = settings.fresh_dir(label)
+    a, b = _node_pair(settings, root, system, keys)
+    settings.node_configs.setdefault(f"sealed-transfer {system} node A", a.config_path.read_text())
+    settings.node_configs.setdefault(f"sealed-transfer {system} node B", b.config_path.read_text())
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        b.start()
+        a.start()
+        wait_idle(b.pid)
+        wait_idle(a.pid)
+        monitors = (TreeMonitor(a.pid).start(), TreeMonitor(b.pid).start())
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        procs = start_storescu(a.ae_title, a.port, ds.files, 1, root / "storescu.log")
+        sent: float | None = None
+        deadline = t0 + settings.timeout
+        while True:
+            now = time.perf_counter()
+            if sent is None and all(p.poll() is not None for p in procs):
+                sent = now - t0
+                check_sender([p.returncode for p in procs], root / "storescu.log")
+            held = _index_count(b)
+            if held >= ds.instances:
+                done = time.perf_counter() - t0
+                break
+            if now > deadline:
+                raise RunFailed(f"{system}: node B holds {held} of {ds.instances}\n{a.log(5)}")
+            time.sleep(0.05)
+        if sent is None:
+            wait_storescu(procs, settings.timeout)
+            sent = time.perf_counter() - t0
+        usage_a, usage_b = (m.stop() for m in monitors)
+        if held != ds.instances:
+            raise RunFailed(f"{system}: node B holds {held} instances, sent {ds.instances}")
+    finally:
+        for p in procs:
+            stop_process(p, timeout=5)
+        for node in (a, b):
+            # Their storage is thrown away: SIGKILL by pid (a graceful stop is not measured).
+            node.kill()
+    shutil.rmtree(root, ignore_errors=True)
+    excl_quiet = done - settings.quiet_seconds
+    a_to_b = max(done - sent - settings.quiet_seconds, 1e-3)
+    mib = ds.total_bytes / MIB
+    return {
+        "seconds": done,
+        "load_1min": load,
+        "sender_seconds": sent,
+        "seconds_excluding_quiet": excl_quiet,
+        "mb_per_s": mib / excl_quiet,
+        "a_to_b_seconds": a_to_b,
+        "a_to_b_mb_per_s": mib / a_to_b,
+        "node_a_cpu_ms_per_instance": 1000 * usage_a.cpu_seconds / ds.instances,
+        "node_b_cpu_ms_per_instance": 1000 * usage_b.cpu_seconds / ds.instances,
+        "node_a_peak_rss_mib": usage_a.peak_rss_mib,
+        "node_b_peak_rss_mib": usage_b.peak_rss_mib,
+    }
+
+
+def _crypto_once(
+    settings: Settings, system: str, blobs: list[bytes], label: str
+) -> dict[str, float]:
+    load = os.getloadavg()[0]
+    if system == RAW_AES:
+        seconds = crypto_throughput.raw_encrypt_seconds(RAW_AES_BYTES)
+        return {"seconds": seconds, "load_1min": load, "mb_per_s": RAW_AES_BYTES / MIB / seconds}
+    root = settings.fresh_dir(label)
+    seconds = crypto_throughput.spool_write_seconds(
+        blobs, root / "spool", encrypted=system == SPOOL_SEALED
+    )
+    shutil.rmtree(root, ignore_errors=True)
+    total = sum(len(b) for b in blobs)
+    return {
+        "seconds": seconds,
+        "load_1min": load,
+        "mb_per_s": total / MIB / seconds,
+        "files_per_s": len(blobs) / seconds,
+    }
+
+
+def _median_of(rows: list[dict[str, Any]], system: str, key: str) -> float | None:
+    for row in rows:
+        if row["system"] == system and "error" not in row and key in row["summary"]:
+            value: float = row["summary"][key]["median"]
+            return value
+    return None
+
+
+def run_sealed_transfer(settings: Settings) -> dict[str, Any]:
+    systems = [s for s in SEALED_ORDER if settings.wanted(s)]
+    ds = settings.dataset("ct")
+    blobs = [f.read_bytes() for f in ds.files] if {SPOOL_SEALED, SPOOL_PLAIN} & set(systems) else []
+    keys = settings.work / "run" / "sealed-transfer-keys"
+    if any(s in SEALED_TRANSFERS for s in systems):
+        keys = _key_material(settings, settings.fresh_dir("sealed-transfer-keys"))
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+    errors: dict[str, str] = {}
+    for rep in range(settings.repeat):
+        for system in alternating(systems, rep):
+            if system in errors:
+                continue
+            label = f"sealed-{system}-{rep}"
+            try:
+                if system in SEALED_TRANSFERS:
+                    result = _transfer_once(settings, system, ds, keys, label)
+                else:
+                    result = _crypto_once(settings, system, blobs, label)
+            except MEASUREMENT_ERRORS as exc:
+                errors[system] = brief(exc)
+                settings.failures.append(f"sealed-transfer {system}: {brief(exc)}")
+                settings.log(f"sealed {system:18s} FAILED: {exc}")
+                continue
+            extra = (
+                f" (A->B after the sender: {result['a_to_b_mb_per_s']:7.1f} MB/s; "
+                f"{result['seconds_excluding_quiet']:.2f} s excl. quiet)"
+                if "a_to_b_mb_per_s" in result
+                else ""
+            )
+            settings.log(
+                f"sealed {system:18s} rep {rep + 1}: {result['mb_per_s']:8.1f} MB/s{extra}"
+            )
+            runs[system].append(result)
+    rows: list[dict[str, Any]] = [
+        {"system": s, **_outcome(runs[s], errors.get(s))} for s in systems
+    ]
+    ratios = []
+    for name, (a, b), key in (
+        ("sealed / plain C-STORE, storescu -> A -> B", SEALED_TRANSFERS, "mb_per_s"),
+        ("sealed / plain C-STORE, A -> B after the sender", SEALED_TRANSFERS, "a_to_b_mb_per_s"),
+        ("sealed transfer / raw AES-256-GCM", (SEALED_TRANSFER, RAW_AES), "mb_per_s"),
+        ("plain C-STORE / raw AES-256-GCM", (PLAIN_TRANSFER, RAW_AES), "mb_per_s"),
+        ("spool write sealed / plain (fsync)", (SPOOL_SEALED, SPOOL_PLAIN), "mb_per_s"),
+    ):
+        x, y = _median_of(rows, a, key), _median_of(rows, b, "mb_per_s" if b == RAW_AES else key)
+        if x is not None and y is not None:
+            ratios.append(
+                {"ratio": name, "numerator": a, "denominator": b, "mb_per_s": _ratio(x, y)}
+            )
+    return {
+        "dataset": ds.describe(),
+        "systems": systems,
+        "quiet_seconds": settings.quiet_seconds,
+        "node_worker_intervals": settings.worker_interval,
+        "raw_aes_bytes": RAW_AES_BYTES,
+        "method": (
+            "two fresh nodes on loopback per run (SQLite index, encrypted spool, audit; key "
+            "material from keys init with one deployment CA and peers export/add both ways, "
+            "made once and copied into each run's state folders); storescu (one "
+            "association) -> node A, whose study route (quiet_seconds subtracted, no profile) "
+            "sends to node B, timed until B's index holds every instance (its SQLite "
+            "`instances` polled every 50 ms). MB/s: data set bytes / (seconds - quiet); A->B "
+            "MB/s: bytes / (seconds - storescu's own seconds - quiet), the transfer after the "
+            "last instance reached A. MB = 2^20 bytes, as in scenario 1"
+        ),
+        "tools": {
+            SEALED_TRANSFER: 'A\'s destination type = "peer": package sealed for B (HPKE '
+            "X25519, AES-256-GCM envelopes), HTTPS with mutual TLS, signed manifest and receipt",
+            PLAIN_TRANSFER: "A's destination a DICOM destination (B's AE NODEB, plain C-STORE)",
+            RAW_AES: f"AESGCM.encrypt of {RAW_AES_BYTES // MIB} MiB in 1 MiB segments, one core "
+            "(bench/crypto_throughput.py raw_encrypt_seconds)",
+            SPOOL_SEALED: "the data set's files written one by one as envelopes (EnvelopeWriter, "
+            "1 MiB segments, fresh data key each): temporary file, fsync, rename, fsync of the "
+            "folder, as encrypt_file",
+            SPOOL_PLAIN: "the same bytes, same steps, without the envelope",
+        },
+        "rows": rows,
+        "ratios": ratios,
+        "ratio_meaning": "numerator median MB/s / denominator median MB/s, same run",
+    }
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -623,8 +889,7 @@ REGISTRY: tuple[Scenario, ...] = (
     Scenario(
         "sealed-transfer",
         "5. Sealed transfer: node to node vs plain C-STORE and raw AES-256-GCM",
-        None,
-        "not built into the harness yet (needs node-to-node sealed delivery)",
+        run_sealed_transfer,
     ),
     Scenario(
         "scale",
