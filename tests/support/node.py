@@ -151,6 +151,7 @@ class GatewayNode:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
+            start_new_session=True,  # its own process group: a wrapper's children die with it
         )
         log.close()
         try:
@@ -160,24 +161,31 @@ class GatewayNode:
             raise RuntimeError(f"node did not start:\n{self.log()}") from exc
         return self
 
+    def _signal_group(self, sig: int) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self.proc.wait(10)
+        self._signal_group(signal.SIGKILL)  # whatever of the group is left (a wrapper's child)
         self.proc = None
 
     def kill(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait(10)
         self.proc = None
 
     @property
