@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,43 @@ class OutgoingFile:
     transfer_syntax_uid: str
     path: Path
     study_instance_uid: str = ""  # for the audit of retrieve sub-operations
+
+
+class _ProviderQueue(queue.Queue[Any]):
+    """pynetdicom's DUL send queue, bounded.
+
+    pynetdicom queues every P-DATA PDU of a C-STORE for its DUL thread without a bound, so a
+    sender faster than the socket holds the whole data set in memory (a 100 MB instance:
+    100 MB). Bounded, the sending thread waits for the DUL thread instead. The DUL thread
+    itself never puts into this queue; if it has stopped (the connection is gone) a put gives
+    up rather than wait forever, and the association is already lost.
+    """
+
+    def __init__(self, dul: Any, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self._dul = dul
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        while True:
+            try:
+                super().put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._dul.is_alive() or getattr(self._dul, "_kill_thread", False):
+                    return
+
+
+def bound_send_queue(assoc: Any, maxsize: int = 16) -> None:
+    """Bound an established association's send queue (at most ``maxsize`` PDUs waiting)."""
+    dul = assoc.dul
+    pending = dul.to_provider_queue
+    bounded = _ProviderQueue(dul, maxsize)
+    while True:  # the association is established and idle: normally nothing is pending
+        try:
+            bounded.queue.append(pending.get_nowait())
+        except queue.Empty:
+            break
+    dul.to_provider_queue = bounded
 
 
 class NoAcceptableSyntax(Exception):
@@ -132,6 +170,7 @@ class StoreSCU:
                 raise RetryableError("association aborted by the destination")
             raise RetryableError("destination unreachable (connection refused or timed out)")
         self._check_pin(assoc)
+        bound_send_queue(assoc)
         accepted: dict[str, set[str]] = {}
         for cx in assoc.accepted_contexts:
             accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))

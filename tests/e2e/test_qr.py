@@ -140,7 +140,8 @@ def values(blocks: list[str], tag: str) -> list[str]:
     out = []
     for b in blocks:
         m = re.search(re.escape(tag) + r" \w\w \[([^\]]*)\]", b)
-        out.append(m.group(1).strip() if m else "")
+        # DCMTK prints a received value with its padding: UI values end in one NUL (PS3.5 6.2)
+        out.append(m.group(1).strip(" \x00") if m else "")
     return out
 
 

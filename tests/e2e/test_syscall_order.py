@@ -17,9 +17,7 @@ from tests.e2e.test_forward import storescu
 from tests.support.datasets import make_ct_study
 from tests.support.node import GatewayNode
 
-LINE = re.compile(
-    r"^(?:\[pid\s+\d+\]\s+)?(?P<pid>\d+\s+)?(?P<ts>\d+:\d+:\d+\.\d+)\s+(?P<call>\w+)\((?P<args>.*)"
-)
+LINE = re.compile(r"^\s*(?:\d+\s+)?(?P<ts>\d+:\d+:\d+\.\d+)\s+(?P<call>\w+)\((?P<args>.*)")
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace not installed")
@@ -42,9 +40,10 @@ def test_each_acknowledged_instance_is_durable_before_its_response(tmp_path: Pat
     )
     with node:
         storescu(node, files)
+        node.stop()  # SIGTERM: strace flushes its log (a SIGKILL would lose its buffer)
     events = []
     for raw in trace.read_text().splitlines():
-        m = LINE.match(raw.split(" ", 1)[1] if raw[:1].isdigit() else raw)
+        m = LINE.match(raw)  # "PID  HH:MM:SS.us call(args" (pid width varies)
         if m:
             events.append((m["call"], m["args"]))
     renames = [
