@@ -498,7 +498,7 @@ class DicomServer:
         self._tls_server = None
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(
-            a.is_acceptor and a.is_alive() for a in self.ae.active_associations
+            a.is_acceptor and a.is_alive() and a.is_established for a in self.ae.active_associations
         ):
             time.sleep(0.05)
         self.ae.shutdown()
