@@ -14,20 +14,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-EDITION = "2026c"
+from gateway.deid._standard import generate
 
-OPTIONS = (
-    "retain_safe_private",
-    "retain_uids",
-    "retain_device_identity",
-    "retain_institution_identity",
-    "retain_patient_characteristics",
-    "retain_longitudinal_full_dates",
-    "retain_longitudinal_modified_dates",
-    "clean_descriptors",
-    "clean_structured_content",
-    "clean_graphics",
-)
+# One source for the edition and the option columns: the generator that wrote the data.
+EDITION = generate.EDITION
+OPTIONS = generate.OPTION_COLUMNS
 
 
 @dataclass(frozen=True)
