@@ -11,6 +11,13 @@ declared, with no deadline. This wrapper, which pynetdicom's DUL reads through, 
 On a violation it sends an A-ABORT (service provider, invalid PDU parameter value), calls
 ``on_violation`` so the event is audited, and raises ``OSError``, which pynetdicom treats
 as the transport closing.
+
+:class:`GuardedDIMSE` bounds what the PDUs add up to: a DIMSE message held in memory (the
+command set; a data set that is not a C-STORE's, such as a C-FIND identifier) may grow to
+``MAX_COMMAND_SET`` / ``MAX_IN_MEMORY_DATASET`` bytes, so a message whose last fragment never
+comes is aborted (FAULTS_AND_ATTACKS A7), and a message pynetdicom cannot decode (no command
+field, a garbage command set) is aborted instead of killing pynetdicom's reactor thread and
+dropping the connection without an answer.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
@@ -31,6 +39,10 @@ _OTHER_CAP = 65536
 # wait in select() instead: 50 idle connections otherwise keep a CPU core busy.
 _IDLE_WAIT = 0.05
 _FIXED = {0x05: 4, 0x06: 4, 0x07: 4}
+# A command set is a few hundred bytes (PS3.7 E.1); 64 KiB leaves room for any real one.
+MAX_COMMAND_SET = 65536
+# Data sets other than C-STORE's are identifiers (C-FIND/C-MOVE/C-GET keys), read in memory.
+MAX_IN_MEMORY_DATASET = 4 << 20
 
 
 def _abort_bytes() -> bytes:
@@ -102,6 +114,17 @@ class GuardedSocket(AssociationSocket):
         if length > cap:
             self._violation(f"pdu-too-large type=0x{pdu_type:02x}")
 
+    def refuse(self, reason: str) -> None:
+        """Abort from above the PDU layer (:class:`GuardedDIMSE`): send A-ABORT, audit, and
+        read nothing more; pynetdicom is then told the transport closed (Evt17)."""
+        with contextlib.suppress(OSError):
+            self._violation(reason)
+        sock = self.socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.event_queue.put("Evt17")
+
     def _violation(self, reason: str) -> None:
         self._violated = True
         sock = self.socket
@@ -136,3 +159,31 @@ class GuardedSocket(AssociationSocket):
             with contextlib.suppress(OSError):
                 sock.settimeout(None)
         return buf
+
+
+class GuardedDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider with bounded in-memory messages and decoding errors
+    turned into an A-ABORT (through the association's :class:`GuardedSocket`)."""
+
+    def receive_primitive(self, primitive: Any) -> None:
+        try:
+            super().receive_primitive(primitive)
+        except Exception:  # noqa: BLE001 - the peer's bytes: anything the decoder raises
+            self._refuse("invalid-dimse-message")
+            return
+        message = self.message
+        if message is None:
+            return
+        command = message.encoded_command_set.tell()
+        in_memory = getattr(message, "_data_set_file", None) is None
+        data = message.data_set.tell() if in_memory and message.data_set is not None else 0
+        if command > MAX_COMMAND_SET or data > MAX_IN_MEMORY_DATASET:
+            self._refuse("dimse-message-too-large")
+
+    def _refuse(self, reason: str) -> None:
+        self.message = None  # what was buffered goes now, not when the association ends
+        sock = self.dul.socket
+        if isinstance(sock, GuardedSocket):
+            sock.refuse(reason)
+        else:  # not ours (an SCU's association): pynetdicom's own answer to a bad PDU
+            self.dul.event_queue.put("Evt19")

@@ -49,7 +49,7 @@ from gateway.crypto.kek import DataKeyWrapper
 from gateway.dicom import spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
-from gateway.dicom.guard import GuardedSocket
+from gateway.dicom.guard import GuardedDIMSE, GuardedSocket
 from gateway.dicom.retrieve import (
     CANCEL,
     IDENTIFIER_MISMATCH,
@@ -369,6 +369,7 @@ class DicomServer:
                 assoc.gateway_id = new_id()[:16]  # type: ignore[attr-defined]
                 assoc.gateway_certificate_names = self.certificate_names  # type: ignore[attr-defined]
                 assoc.acse = _GatewayACSE(assoc, server_self)
+                assoc.dimse = GuardedDIMSE(assoc)
                 with contextlib.suppress(OSError):
                     self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 

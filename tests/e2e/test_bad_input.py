@@ -11,6 +11,7 @@ test looks only at the audit records written since its start.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
@@ -32,16 +33,17 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, _config
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
-from pynetdicom.presentation import build_context
 
 from tests.support.datasets import build_instance, make_instance
 from tests.support.node import GatewayNode
+from tests.support.pdus import (
+    associate_rq,
+    is_abort_or_empty,
+    p_data,
+    read_pdu,
+    rss_kib,
+    wait_closed,
+)
 from tests.support.peers import dcmtk
 
 CALLING = "MODALITY"
@@ -103,13 +105,6 @@ def security_events(node: GatewayNode) -> float:
     return total
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def scu(ae_title: str = CALLING, contexts: list[tuple[str, list[str]]] | None = None) -> AE:
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = 10
@@ -137,68 +132,8 @@ def save(ds: Dataset, path: Path) -> Path:
     return path
 
 
-def associate_rq(calling: str = CALLING, called: str = "GATEWAY") -> bytes:
-    """An encoded A-ASSOCIATE-RQ proposing Verification."""
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = calling
-    prim.called_ae_title = called
-    max_len = MaximumLengthNotification()
-    max_len.maximum_length_received = 16384
-    impl = ImplementationClassUIDNotification()
-    impl.implementation_class_uid = "1.2.826.0.1.3680043.9.3811.1"
-    prim.user_information = [max_len, impl]
-    cx = build_context(VERIFICATION)
-    cx.context_id = 1
-    prim.presentation_context_definition_list = [cx]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return bytes(pdu.encode())
-
-
 def connect(node: GatewayNode, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", node.port), timeout=timeout)
-
-
-def read_pdu(sock: socket.socket) -> bytes:
-    """One whole PDU, or b"" if the node closed the connection first."""
-    header = b""
-    while len(header) < 6:
-        chunk = sock.recv(6 - len(header))
-        if not chunk:
-            return b""
-        header += chunk
-    length = struct.unpack(">L", header[2:6])[0]
-    body = b""
-    while len(body) < length:
-        chunk = sock.recv(length - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return header + body
-
-
-def wait_closed(sock: socket.socket, timeout: float) -> tuple[float, bytes]:
-    """Read until the node closes; return (seconds it took, bytes received)."""
-    started = time.monotonic()
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except ConnectionResetError:
-        pass
-    except TimeoutError:
-        raise AssertionError(f"connection still open after {timeout}s; got {data!r}") from None
-    return time.monotonic() - started, data
-
-
-def is_abort_or_empty(data: bytes) -> bool:
-    """What a node may answer before closing: nothing, or an A-ABORT PDU."""
-    return data == b"" or (data[0] == 0x07 and len(data) >= 10)
 
 
 def state_names(node: GatewayNode) -> list[str]:
@@ -549,6 +484,66 @@ def test_pdata_larger_than_max_pdu_aborted(main_node: Audited) -> None:
         )
     )
     assert recs[0]["detail"]["reason"] == "pdu-too-large type=0x04"
+    canary(node)
+
+
+def _associated(node: GatewayNode) -> socket.socket:
+    sock = connect(node)
+    sock.sendall(associate_rq())
+    ac = read_pdu(sock)
+    assert ac[:1] == b"\x02", ac  # A-ASSOCIATE-AC
+    return sock
+
+
+def test_endless_command_set_aborted_with_bounded_memory(main_node: Audited) -> None:
+    """A7: command fragments whose last-fragment bit never comes (was: 686 MiB held in
+    memory in 5 s, without bound)."""
+    node = main_node.node
+    before_rss = rss_kib(node.pid)
+    sent = 0
+    with _associated(node) as sock:
+        fragment = p_data((1, 0x01, b"\x00" * 16000))  # command, not the last fragment
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 5.0:
+                sock.sendall(fragment)
+                sent += len(fragment)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        elapsed = time.monotonic() - started
+        with contextlib.suppress(ConnectionResetError):
+            _, data = wait_closed(sock, 5.0)
+            assert is_abort_or_empty(data), data
+    assert elapsed < 5.0, f"still accepting after {sent} bytes"
+    assert sent < 8 << 20, sent
+    assert rss_kib(node.pid) - before_rss < 20 * 1024
+    recs = main_node.expect(
+        lambda r: r["event_type"] == "association" and r["outcome"] == "aborted"
+    )
+    assert "dimse-message-too-large" in [r["detail"]["reason"] for r in recs], recs
+    canary(node)
+
+
+@pytest.mark.parametrize(
+    "pdv",
+    [
+        pytest.param((1, 0x03, b"\xff" * 40), id="garbage-command"),
+        pytest.param((1, 0x03, b"\x00" * 8), id="command-without-command-field"),
+    ],
+)
+def test_undecodable_command_set_aborted(main_node: Audited, pdv: tuple[int, int, bytes]) -> None:
+    """Was: pynetdicom's reactor thread died on the exception and the connection closed with
+    no answer."""
+    node = main_node.node
+    with _associated(node) as sock:
+        sock.sendall(p_data(pdv))
+        _, data = wait_closed(sock, 5.0)
+    assert data[:1] == b"\x07", data  # A-ABORT
+    recs = main_node.expect(
+        lambda r: r["event_type"] == "association" and r["outcome"] == "aborted"
+    )
+    assert "invalid-dimse-message" in [r["detail"]["reason"] for r in recs], recs
+    assert "Exception in thread" not in node.log(200)
     canary(node)
 
 
