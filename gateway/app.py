@@ -43,6 +43,8 @@ class Node:
             min_free_bytes=cfg.ingest.spool_min_free_bytes,
             keyring=self.keyring,
             reload_keyring=lambda: load_keyring(cfg.state_dir),
+            probe_interval=cfg.ingest.spool_probe_interval,
+            monotonic=self.clock.monotonic,
         )
         self.metrics = Metrics()
         self.deid_step = DeidStep(cfg, outgoing_dir=cfg.spool_dir / "outgoing", spool=self.spool)
@@ -88,6 +90,7 @@ class Node:
             metrics=self.metrics,
             on_stream_delivery=self.worker.wakeup.set,
         )
+        self.spool.on_health = self.ingest.spool_health_changed
         self.router = Router(cfg, db=self.db, clock=self.clock, metrics=self.metrics)
         self.server = DicomServer(
             cfg.dicom,

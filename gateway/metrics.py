@@ -49,6 +49,15 @@ class Metrics:
             "Age of the oldest delivery not yet delivered, failed or cancelled",
             registry=r,
         )
+        self.spool_healthy = Gauge(
+            "gateway_spool_healthy",
+            "1 while the spool takes writes; 0 after a failed fsync until a probe succeeds",
+            registry=r,
+        )
+        self.spool_healthy.set(1)
+        self.spool_faults = Counter(
+            "gateway_spool_faults", "Failed spool fsyncs (the spool went unhealthy)", registry=r
+        )
         self.security_events = Counter(
             "gateway_security_events",
             "Refused connections, PDUs and associations",

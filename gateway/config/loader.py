@@ -36,6 +36,7 @@ _POSITIVE_KEYS = frozenset(
         "max_associate_pdu_size",
         "max_sequence_depth",
         "incoming_orphan_seconds",
+        "spool_probe_interval",
         "busy_timeout",
         "threads",
         "poll_interval",

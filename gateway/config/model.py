@@ -80,6 +80,7 @@ class IngestConfig:
     duplicate_policy: DuplicatePolicy = "keep-both"
     spool_min_free_bytes: int = 268435456
     incoming_orphan_seconds: float = 600.0
+    spool_probe_interval: float = 5.0
 
 
 @dataclass(frozen=True)

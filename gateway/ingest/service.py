@@ -140,6 +140,22 @@ class IngestService:
             )
         )
 
+    def spool_health_changed(self, healthy: bool, reason: str) -> None:
+        """The spool went unhealthy (a failed fsync) or a probe made it healthy again."""
+        self.metrics.spool_healthy.set(1 if healthy else 0)
+        if not healthy:
+            self.metrics.spool_faults.inc()
+        try:
+            self._audit(
+                AuditRecord(
+                    "spool",
+                    "success" if healthy else "failure",
+                    detail={"health": "recovered" if healthy else "unhealthy", "reason": reason},
+                )
+            )
+        except Exception:  # the index may be what failed; the metric and the log still say it
+            log.exception("spool health audit failed")
+
     def echo(self, info: AssociationInfo) -> None:
         self._audit(
             AuditRecord(

@@ -12,6 +12,15 @@ With a keyring (the node always gives one) every file the node writes here is an
 current key-encryption key): receive buffers are encrypted as they arrive, so plaintext never
 touches the disk. Readers get the verified plaintext through :meth:`Spool.open` /
 :meth:`Spool.open_path` (seekable, memory bounded); :meth:`Spool.path_of` is the file itself.
+
+Health (FAULTS F7, "fsyncgate"): an fsync that fails (EIO) may have dropped the dirty pages
+it could not write and marked them clean, so a second fsync of the same file would succeed
+without the data being on disk. The spool therefore never retries an fsync: the file whose
+fsync failed is discarded (its instance refused with 0xA700, never acknowledged) and the
+spool is marked unhealthy. While unhealthy every write is refused until a probe (a small file
+written, fsync'd and its folder fsync'd in ``incoming/``, then removed) succeeds; probes run
+at most once per ``probe_interval`` seconds of monotonic time. ``on_health`` hears every
+change (the node audits it and sets ``gateway_spool_healthy``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +67,8 @@ class Spool:
         min_free_bytes: int = 0,
         keyring: Keyring | None = None,
         reload_keyring: Callable[[], Keyring] | None = None,
+        probe_interval: float = 5.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """Without ``keyring`` files are plaintext (tools and unit tests only).
         ``reload_keyring`` is called once when an envelope names a key-encryption key the
@@ -68,6 +81,73 @@ class Spool:
         self.objects = root / "objects"
         for d in (self.incoming, self.objects):
             d.mkdir(parents=True, exist_ok=True)
+        self.probe_interval = probe_interval
+        self._monotonic = monotonic
+        self._health_lock = threading.Lock()
+        self._unhealthy: str | None = None  # the reason, while unhealthy
+        self._last_failure = 0.0
+        self.on_health: Callable[[bool, str], None] = lambda healthy, reason: None
+
+    # --- health (fsyncgate) --------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._unhealthy is None
+
+    def _failed(self, what: str, exc: OSError) -> SpoolError:
+        """Record a failed fsync (never retried on that file) and return the error to raise."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return SpoolFullError("spool filesystem is full")
+        reason = f"{what} failed: {errno.errorcode.get(exc.errno or 0, 'error')}"
+        with self._health_lock:
+            changed = self._unhealthy is None
+            self._unhealthy = reason
+            self._last_failure = self._monotonic()
+        if changed:
+            log.error("spool marked unhealthy", extra={"reason": reason})
+            self.on_health(False, reason)
+        return SpoolError(f"spool unhealthy: {reason}")
+
+    def _fsync(self, fd: int, what: str) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise self._failed(what, exc) from exc
+
+    def _fsync_dir(self, path: Path) -> None:
+        try:
+            fsync_dir(path)
+        except OSError as exc:
+            raise self._failed("fsync of a spool folder", exc) from exc
+
+    def ensure_healthy(self) -> None:
+        """Raise :class:`SpoolError` while the spool is unhealthy and a probe (at most one per
+        ``probe_interval``) does not succeed; a successful probe makes it healthy again."""
+        if self._unhealthy is None:
+            return
+        with self._health_lock:
+            reason = self._unhealthy
+            if reason is None:
+                return
+            if self._monotonic() - self._last_failure < self.probe_interval:
+                raise SpoolError(f"spool unhealthy: {reason}")
+            self._last_failure = self._monotonic()
+            probe = self.incoming / f".probe-{new_id()}"
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, os.urandom(4096))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                fsync_dir(self.incoming)
+            except OSError as exc:
+                raise SpoolError(f"spool unhealthy: {reason}; probe failed") from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink()
+            self._unhealthy = None
+        log.warning("spool healthy again (probe succeeded)", extra={"after": reason})
+        self.on_health(True, reason)
 
     # --- writing -------------------------------------------------------------------------
     def check_space(self) -> None:
@@ -92,21 +172,31 @@ class Spool:
         return size, h.hexdigest()
 
     def commit(self, temp: Path, *, size: int, sha256: str) -> SpooledObject:
-        """Make ``temp`` durable under a fresh key: fsync the file, rename, fsync the folder."""
+        """Make ``temp`` durable under a fresh key: fsync the file, rename, fsync the folder.
+
+        A failed fsync is never retried (see the module's doc): the file is not renamed, or,
+        when the folder's fsync failed, the renamed file is removed again, and SpoolError
+        (the spool is now unhealthy) refuses the instance."""
+        self.ensure_healthy()
         key = new_id()
         final = self.path_of(key)
         try:
             fd = os.open(temp, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                self._fsync(fd, "fsync of a received file")
             finally:
                 os.close(fd)
             parent = final.parent
             if not parent.exists():
                 parent.mkdir(exist_ok=True)
-                fsync_dir(self.objects)
+                self._fsync_dir(self.objects)
             os.rename(temp, final)
-            fsync_dir(parent)
+            try:
+                self._fsync_dir(parent)
+            except SpoolError:
+                with contextlib.suppress(OSError):
+                    final.unlink()
+                raise
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError("spool filesystem is full") from exc
@@ -115,6 +205,7 @@ class Spool:
 
     def write_file(self, target: Path, data: bytes) -> None:
         """Write ``data`` to ``target`` (inside the spool) encrypted, atomically, durably."""
+        self.ensure_healthy()
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".write-", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -124,12 +215,16 @@ class Spool:
                     with EnvelopeWriter(f, self.keyring.current) as writer:
                         writer.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                self._fsync(f.fileno(), "fsync of a spool file")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        fsync_dir(target.parent)
+        try:
+            self._fsync_dir(target.parent)
+        except SpoolError:
+            target.unlink(missing_ok=True)
+            raise
 
     # --- reading -------------------------------------------------------------------------
     def open(self, key: str) -> BinaryIO:
