@@ -71,6 +71,8 @@ def load_config(path: str | Path) -> model.GatewayConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, "", f"valid TOML ({exc})") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array or inline table
+        raise ConfigError(name, "", "valid TOML (arrays or tables nested too deeply)") from exc
     if "source" in raw:
         raise ConfigError(name, "source", "no such key (set by the loader, not the file)")
     builder = _Builder(name, source.resolve().parent)

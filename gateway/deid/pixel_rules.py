@@ -25,12 +25,17 @@ joined with ``\\``. A missing attribute matches only ``present = false``.
 
 Which instances are *at risk* (can carry burned-in text, so they must match a rule or be refused)
 is :func:`at_risk`. Bad rule files raise :class:`~gateway.errors.ProfileError` with file and line.
+
+Values come from received files: one that does not decode (a US value of 3 bytes, a number
+that is not one) fails closed. A rule whose condition reads it does not match, and
+:func:`at_risk` names the instance at risk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,7 @@ from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 
 from gateway.errors import ProfileError
@@ -65,6 +71,43 @@ _DOSE_TEXT = re.compile(r"dose|screen ?save|patient protocol", re.I)
 
 _RULE_KEYS = {"name", "device", "match", "regions", "keep"}
 _OPS = {"equals", "contains", "regex", "one_of", "present"}
+# what decoding a received value may raise (pydicom converts on first access)
+_DECODE_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    NotImplementedError,
+    AttributeError,
+    struct.error,
+    BytesLengthException,
+    EOFError,
+    OSError,  # a sequence value pydicom cannot walk ("No tag to read")
+    RecursionError,
+)
+
+
+class UnreadableAttribute(ValueError):
+    """A value of the instance does not decode; names the keyword, never the value."""
+
+    def __init__(self, keyword: str) -> None:
+        self.keyword = keyword
+        super().__init__(f"{keyword} does not decode")
+
+
+def _get(ds: Dataset, keyword: str) -> list[str]:
+    """The value of top-level ``keyword`` (None when absent); UnreadableAttribute if it does
+    not decode."""
+    try:
+        elem = ds.get(keyword)
+        return _texts(elem)
+    except _DECODE_ERRORS as exc:
+        raise UnreadableAttribute(keyword) from exc
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return "\\".join(_get(ds, keyword))
 
 
 def at_risk(ds: Dataset) -> str | None:
@@ -72,34 +115,44 @@ def at_risk(ds: Dataset) -> str | None:
 
     US, SC, OT and document classes, screen captures and dose screens (ImageType values such as
     SECONDARY or SCREEN SAVE, dose series descriptions) of XA/RF/CT/NM/PT and other modalities,
-    and any instance whose BurnedInAnnotation is YES.
+    and any instance whose BurnedInAnnotation is YES, or one of these attributes does not decode.
     """
-    sop = str(ds.get("SOPClassUID", "") or "").strip()
-    if sop in _AT_RISK_SOP_CLASSES:
-        return f"SOP class {_AT_RISK_SOP_CLASSES[sop]}"
-    modality = str(ds.get("Modality", "") or "").strip().upper()
-    if modality in _AT_RISK_MODALITIES:
-        return f"modality {modality}"
-    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
-        return "BurnedInAnnotation YES"
-    image_type = "\\".join(_texts(ds.get("ImageType")))
-    if modality in _SCREEN_MODALITIES or not modality:
-        if _SCREEN_IMAGE_TYPE.search(image_type):
-            return f"{modality or 'image'} screen capture (ImageType)"
-        if _DOSE_TEXT.search(str(ds.get("SeriesDescription", "") or "")):
-            return f"{modality or 'image'} dose screen (SeriesDescription)"
+    try:
+        sop = _text(ds, "SOPClassUID")
+        if sop in _AT_RISK_SOP_CLASSES:
+            return f"SOP class {_AT_RISK_SOP_CLASSES[sop]}"
+        modality = _text(ds, "Modality").upper()
+        if modality in _AT_RISK_MODALITIES:
+            return f"modality {modality}"
+        if _text(ds, "BurnedInAnnotation").upper() == "YES":
+            return "BurnedInAnnotation YES"
+        image_type = _text(ds, "ImageType")
+        if modality in _SCREEN_MODALITIES or not modality:
+            if _SCREEN_IMAGE_TYPE.search(image_type):
+                return f"{modality or 'image'} screen capture (ImageType)"
+            if _DOSE_TEXT.search(_text(ds, "SeriesDescription")):
+                return f"{modality or 'image'} dose screen (SeriesDescription)"
+    except UnreadableAttribute as exc:  # fail closed: what cannot be read may be anything
+        return f"{exc.keyword} unreadable"
     return None
 
 
 def signature(ds: Dataset) -> str:
     """The device facts an admin needs to write a rule (no patient data)."""
-    sop = str(ds.get("SOPClassUID", "") or "").strip()
+
+    def text(keyword: str) -> str:
+        try:
+            return _text(ds, keyword)
+        except UnreadableAttribute:
+            return "(unreadable)"
+
+    sop = text("SOPClassUID")
     fields = [
-        ("Manufacturer", str(ds.get("Manufacturer", "") or "").strip()),
-        ("ManufacturerModelName", str(ds.get("ManufacturerModelName", "") or "").strip()),
-        ("Modality", str(ds.get("Modality", "") or "").strip()),
-        ("Rows", str(ds.get("Rows", ""))),
-        ("Columns", str(ds.get("Columns", ""))),
+        ("Manufacturer", text("Manufacturer")),
+        ("ManufacturerModelName", text("ManufacturerModelName")),
+        ("Modality", text("Modality")),
+        ("Rows", text("Rows")),
+        ("Columns", text("Columns")),
         (
             "SOPClassUID",
             sop + (f" ({_AT_RISK_SOP_CLASSES[sop]})" if sop in _AT_RISK_SOP_CLASSES else ""),
@@ -121,13 +174,14 @@ class Condition:
     children: tuple[Condition, ...] = ()
 
     def matches(self, ds: Dataset) -> bool:
+        """Whether ``ds`` matches; UnreadableAttribute if a value it reads does not decode."""
         if self.op == "all":
             return all(c.matches(ds) for c in self.children)
         if self.op == "any":
             return any(c.matches(ds) for c in self.children)
         if self.op == "not":
             return not self.children[0].matches(ds)
-        values = _texts(ds.get(self.attribute))
+        values = _get(ds, self.attribute)
         if self.op == "present":
             return bool(values) == bool(self.value)
         if not values:
@@ -253,9 +307,14 @@ class RuleSet:
     sha256: str  # of the rule files, in order
 
     def first_match(self, ds: Dataset) -> Rule | None:
+        """The first rule that matches; a rule that reads a value that does not decode does
+        not match (fail closed: an instance at risk with no rule is refused)."""
         for rule in self.rules:
-            if rule.match.matches(ds):
-                return rule
+            try:
+                if rule.match.matches(ds):
+                    return rule
+            except UnreadableAttribute:
+                continue
         return None
 
 
@@ -296,6 +355,8 @@ def parse_rules(text: str, *, path: str) -> list[Rule]:
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"at line (\d+)", str(exc))
         raise ProfileError(path, int(m.group(1)) if m else None, f"not TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ProfileError(path, None, "not TOML: arrays or tables nested too deeply") from None
     unknown = set(doc) - {"rule"}
     if unknown:
         raise ProfileError(
@@ -321,7 +382,10 @@ def parse_rules(text: str, *, path: str) -> list[Rule]:
             keep = r.get("keep")
             if keep not in (None, "ultrasound-regions"):
                 raise ValueError("keep must be 'ultrasound-regions'")
-            regions = tuple(_parse_region(g) for g in r.get("regions", []))
+            regions_doc = r.get("regions", [])
+            if not isinstance(regions_doc, list):
+                raise ValueError("regions must be an array of regions")
+            regions = tuple(_parse_region(g) for g in regions_doc)
             if not regions and keep is None:
                 raise ValueError("needs regions, keep = 'ultrasound-regions', or both")
             rules.append(

@@ -129,6 +129,8 @@ def parse_profile(text: str, *, path: str = "<profile>", name: str = "profile") 
         m = re.search(r"at line (\d+)", str(exc))
         line = int(m.group(1)) if m else text.count("\n") + 1
         raise ProfileError(path, line, f"not TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ProfileError(path, None, "not TOML: arrays or tables nested too deeply") from None
 
     def fail(reason: str, pattern: str | None = None, start: int = 0) -> ProfileError:
         return ProfileError(path, _line_of(text, pattern, start) if pattern else None, reason)
@@ -242,11 +244,11 @@ def _parse_item(index: int, it: Any, line: int) -> Item:
         targets = [_parse_private(it["private"])]
     else:
         vr = it["vr"]
-        if vr not in VRS:
+        if not isinstance(vr, str) or vr not in VRS:
             raise ValueError(f"unknown VR {vr!r}")
         targets = [Target(vr=vr)]
     action = it.get("action")
-    if action not in ACTIONS:
+    if not isinstance(action, str) or action not in ACTIONS:
         raise ValueError(f"unknown action {action!r} (known: {', '.join(sorted(ACTIONS))})")
     if action == "remove":
         action = "X"
@@ -256,8 +258,13 @@ def _parse_item(index: int, it: Any, line: int) -> Item:
     if value is not None and not isinstance(value, str):
         raise ValueError("value must be a string")
     when: list[tuple[int, tuple[str, ...]]] = []
-    for kw, want in dict(it.get("when", {})).items():
+    when_doc = it.get("when", {})
+    if not isinstance(when_doc, dict):
+        raise ValueError("when must be a table { Keyword = value or [values] }")
+    for kw, want in when_doc.items():
         tag = _keyword_tag(kw)
+        if not isinstance(want, str | list):
+            raise ValueError(f"when.{kw} must be a string or a list of strings")
         wanted = (want,) if isinstance(want, str) else tuple(want)
         if not wanted or not all(isinstance(w, str) for w in wanted):
             raise ValueError(f"when.{kw} must be a string or a list of strings")
