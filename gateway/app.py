@@ -163,6 +163,8 @@ class Node:
                 if self.router.run_once():
                     self.worker.wakeup.set()
                 self.router.update_gauges()
+                if isinstance(self.clock, SystemClock):  # F19: how far the system clock moved
+                    self.metrics.clock_offset.set(self.clock.wall_offset())
                 if time.monotonic() - last_sweep > 60:
                     last_sweep = time.monotonic()
                     self.spool.sweep_incoming(

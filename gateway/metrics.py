@@ -58,6 +58,11 @@ class Metrics:
         self.spool_faults = Counter(
             "gateway_spool_faults", "Failed spool fsyncs (the spool went unhealthy)", registry=r
         )
+        self.clock_offset = Gauge(
+            "gateway_clock_offset_seconds",
+            "How far the system clock has stepped from the node's time line since start",
+            registry=r,
+        )
         self.security_events = Counter(
             "gateway_security_events",
             "Refused connections, PDUs and associations",

@@ -115,11 +115,25 @@ def claim(
     lease_seconds: float,
     capacity: dict[str, int],
     skip: frozenset[str] = frozenset(),
+    horizon: float | None = None,
 ) -> Claim | None:
-    """Lease the next due delivery whose destination has a free association slot."""
+    """Lease the next due delivery whose destination has a free association slot.
+
+    With ``horizon`` (seconds), a retry time or lease expiry further than that ahead of
+    ``now`` counts as due: no clock on this time line sets one so far ahead, so it was
+    written under a system clock that has since been set back (FAULTS F19), and waiting
+    for it would stall the delivery for as long as the clock went back."""
+    retry_due = Delivery.next_attempt_at <= now
+    lease_over = Delivery.lease_expires_at < now
+    lease_live = Delivery.lease_expires_at >= now
+    if horizon is not None:
+        beyond = now + timedelta(seconds=horizon)
+        retry_due = or_(retry_due, Delivery.next_attempt_at > beyond)
+        lease_over = or_(lease_over, Delivery.lease_expires_at > beyond)
+        lease_live = lease_live & (Delivery.lease_expires_at <= beyond)
     due = or_(
-        (Delivery.state.in_([s.value for s in CLAIMABLE])) & (Delivery.next_attempt_at <= now),
-        (Delivery.state == State.IN_PROGRESS.value) & (Delivery.lease_expires_at < now),
+        (Delivery.state.in_([s.value for s in CLAIMABLE])) & retry_due,
+        (Delivery.state == State.IN_PROGRESS.value) & lease_over,
     )
     candidates = (
         session.execute(
@@ -137,7 +151,7 @@ def claim(
     busy = dict(
         session.execute(
             select(Delivery.destination, func.count())
-            .where(Delivery.state == State.IN_PROGRESS.value, Delivery.lease_expires_at >= now)
+            .where(Delivery.state == State.IN_PROGRESS.value, lease_live)
             .group_by(Delivery.destination)
         ).all()
     )

@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from gateway.audit.chain import AuditRecord, append
-from gateway.clock import Clock
+from gateway.clock import CLOCK_SLACK_SECONDS, Clock
 from gateway.config import GatewayConfig
 from gateway.index import deliveries
 from gateway.index.db import Database
@@ -41,6 +41,8 @@ class Router:
             if route.mode != "study":
                 continue
             cutoff = now - timedelta(seconds=route.quiet_seconds)
+            # a last arrival this far ahead was recorded under a clock since set back (F19)
+            beyond = now + timedelta(seconds=route.quiet_seconds + CLOCK_SLACK_SECONDS)
             with self.db.session() as s:
                 studies = list(
                     s.execute(
@@ -49,7 +51,10 @@ class Router:
                         .where(
                             RouteCandidate.route_name == route.name,
                             RouteCandidate.routed == 0,
-                            Study.last_received_at <= cutoff,
+                            or_(
+                                Study.last_received_at <= cutoff,
+                                Study.last_received_at > beyond,
+                            ),
                         )
                         .distinct()
                         .limit(200)

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 
 from gateway.audit.chain import AuditRecord, append
-from gateway.clock import Clock
+from gateway.clock import CLOCK_SLACK_SECONDS, Clock
 from gateway.config import GatewayConfig
 from gateway.dicom.scu import OutgoingFile
 from gateway.errors import (
@@ -125,6 +125,8 @@ class Worker:
                 now=now,
                 lease_seconds=self.cfg.worker.lease_seconds,
                 capacity=self.capacity,
+                horizon=max(self.cfg.worker.lease_seconds, self.cfg.worker.backoff_max)
+                + CLOCK_SLACK_SECONDS,
             )
         if claim is None:
             return False
