@@ -14,9 +14,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.orm import Session
 
 from gateway.errors import AuditChainError
@@ -24,6 +24,26 @@ from gateway.index.models import AuditEvent, AuditHead
 from gateway.text import safe_text
 
 GENESIS = "0" * 64
+_EVENTS = cast(Table, AuditEvent.__table__)
+_HEAD = cast(Table, AuditHead.__table__)
+# the hashed content, in order; ``hash`` itself is the digest of these
+_HASHED = (
+    "seq",
+    "recorded_at",
+    "event_type",
+    "outcome",
+    "node",
+    "calling_ae_title",
+    "called_ae_title",
+    "address",
+    "sop_class_uid",
+    "sop_instance_uid",
+    "study_instance_uid",
+    "delivery_id",
+    "status",
+    "detail",
+    "prev_hash",
+)
 
 
 @dataclass(frozen=True)
@@ -50,55 +70,49 @@ def _utc_text(value: datetime) -> str:
 
 
 def _digest(row: AuditEvent) -> str:
-    content = [
-        row.seq,
-        _utc_text(row.recorded_at),
-        row.event_type,
-        row.outcome,
-        row.node,
-        row.calling_ae_title,
-        row.called_ae_title,
-        row.address,
-        row.sop_class_uid,
-        row.sop_instance_uid,
-        row.study_instance_uid,
-        row.delivery_id,
-        row.status,
-        row.detail,
-        row.prev_hash,
-    ]
+    return _digest_values({name: getattr(row, name) for name in _HASHED})
+
+
+def _digest_values(values: dict[str, Any]) -> str:
+    content = [values[name] for name in _HASHED]
+    content[1] = _utc_text(values["recorded_at"])
     encoded = json.dumps(content, separators=(",", ":"), ensure_ascii=True).encode()
     return hashlib.sha256(encoded).hexdigest()
 
 
 def append(session: Session, record: AuditRecord, *, node: str, now: datetime) -> int:
-    """Add ``record`` to the chain inside ``session``'s transaction; return its sequence."""
-    head = session.execute(
-        select(AuditHead).where(AuditHead.id == 1).with_for_update()
-    ).scalar_one()
-    row = AuditEvent(
-        seq=head.seq + 1,
-        recorded_at=now,
-        event_type=record.event_type,
-        outcome=record.outcome,
-        node=safe_text(node),
-        calling_ae_title=safe_text(record.calling_ae_title),
-        called_ae_title=safe_text(record.called_ae_title),
-        address=safe_text(record.address),
-        sop_class_uid=safe_text(record.sop_class_uid),
-        sop_instance_uid=safe_text(record.sop_instance_uid),
-        study_instance_uid=safe_text(record.study_instance_uid),
-        delivery_id=record.delivery_id,
-        status=record.status,
-        detail=json.dumps(record.detail, sort_keys=True, separators=(",", ":"), default=str),
-        prev_hash=head.hash,
-        hash="",
+    """Add ``record`` to the chain inside ``session``'s transaction; return its sequence.
+
+    Core statements on the session's connection (three per record: lock and read the head,
+    insert the row, move the head): this runs once per received instance.
+    """
+    conn = session.connection()
+    seq, prev_hash = conn.execute(
+        select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+    ).one()
+    values: dict[str, Any] = {
+        "seq": seq + 1,
+        "recorded_at": now,
+        "event_type": record.event_type,
+        "outcome": record.outcome,
+        "node": safe_text(node),
+        "calling_ae_title": safe_text(record.calling_ae_title),
+        "called_ae_title": safe_text(record.called_ae_title),
+        "address": safe_text(record.address),
+        "sop_class_uid": safe_text(record.sop_class_uid),
+        "sop_instance_uid": safe_text(record.sop_instance_uid),
+        "study_instance_uid": safe_text(record.study_instance_uid),
+        "delivery_id": record.delivery_id,
+        "status": record.status,
+        "detail": json.dumps(record.detail, sort_keys=True, separators=(",", ":"), default=str),
+        "prev_hash": prev_hash,
+    }
+    values["hash"] = _digest_values(values)
+    conn.execute(insert(_EVENTS).values(values))
+    conn.execute(
+        update(_HEAD).where(_HEAD.c.id == 1).values(seq=values["seq"], hash=values["hash"])
     )
-    row.hash = _digest(row)
-    session.add(row)
-    head.seq = row.seq
-    head.hash = row.hash
-    return row.seq
+    return int(values["seq"])
 
 
 def _rows(session: Session, batch: int = 2000) -> Iterator[AuditEvent]:

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.ids import new_id
 from gateway.index.models import Delivery, DeliveryAttempt, DeliveryItem, Instance
 from gateway.index.states import CLAIMABLE, Event, State, next_state
+
+_DELIVERIES = cast(Table, Delivery.__table__)
+_ITEMS = cast(Table, DeliveryItem.__table__)
 
 
 def create(
@@ -64,23 +68,25 @@ def append_to_open(
     profile: str,
     instance_id: int,
     now: datetime,
-) -> Delivery:
-    """Add an instance to this study's unclaimed delivery for the route, or start one."""
-    open_delivery = session.execute(
-        select(Delivery)
+) -> str:
+    """Add an instance to this study's unclaimed delivery for the route, or start one;
+    return the delivery's id. Core statements: this runs once per streamed instance."""
+    conn = session.connection()
+    open_id = conn.execute(
+        select(_DELIVERIES.c.id)
         .where(
-            Delivery.study_instance_uid == study_instance_uid,
-            Delivery.route_name == route_name,
-            Delivery.destination == destination,
-            Delivery.profile == profile,
-            Delivery.state == State.PENDING.value,
-            Delivery.attempts == 0,
+            _DELIVERIES.c.study_instance_uid == study_instance_uid,
+            _DELIVERIES.c.route_name == route_name,
+            _DELIVERIES.c.destination == destination,
+            _DELIVERIES.c.profile == profile,
+            _DELIVERIES.c.state == State.PENDING.value,
+            _DELIVERIES.c.attempts == 0,
         )
         .limit(1)
         .with_for_update(skip_locked=True)
     ).scalar_one_or_none()
-    if open_delivery is None:
-        return create(
+    if open_id is None:
+        delivery = create(
             session,
             study_instance_uid=study_instance_uid,
             route_name=route_name,
@@ -89,14 +95,19 @@ def append_to_open(
             instance_ids=[instance_id],
             now=now,
         )
-    session.add(
-        DeliveryItem(
-            delivery_id=open_delivery.id, instance_id=instance_id, state="pending", reason=""
+        session.flush()  # the next Core statement in this transaction must see it
+        return delivery.id
+    conn.execute(
+        insert(_ITEMS).values(
+            delivery_id=open_id, instance_id=instance_id, state="pending", reason=""
         )
     )
-    open_delivery.instance_count += 1
-    open_delivery.updated_at = now
-    return open_delivery
+    conn.execute(
+        update(_DELIVERIES)
+        .where(_DELIVERIES.c.id == open_id)
+        .values(instance_count=_DELIVERIES.c.instance_count + 1, updated_at=now)
+    )
+    return str(open_id)
 
 
 @dataclass(frozen=True)

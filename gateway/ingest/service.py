@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import select
+from sqlalchemy import Connection, Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -35,6 +36,7 @@ from gateway.dicom.uids import is_valid_uid
 from gateway.errors import IngestError
 from gateway.index import deliveries
 from gateway.index.db import Database
+from gateway.index.group_commit import GroupCommit
 from gateway.index.models import Instance, RouteCandidate, Series, Study
 from gateway.ingest.parse import read_header
 from gateway.metrics import Metrics
@@ -42,6 +44,13 @@ from gateway.routing.match import matches
 from gateway.spool.store import Spool, SpooledObject
 
 log = logging.getLogger(__name__)
+
+# Ingest writes its rows with Core statements on the session's connection: the ORM's unit of
+# work cost more than the statements themselves, once per received instance.
+_INSTANCES = cast(Table, Instance.__table__)
+_STUDIES = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_ROUTE_CANDIDATES = cast(Table, RouteCandidate.__table__)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class IngestService:
         self.clock = clock
         self.metrics = metrics
         self._notify = on_stream_delivery or (lambda: None)
+        self._commits = GroupCommit(db)
 
     # --- association events --------------------------------------------------------------
     def _audit(self, record: AuditRecord) -> None:
@@ -208,10 +218,11 @@ class IngestService:
         obj = self.spool.commit(request.dataset_path, size=size, sha256=sha256)
         now = self.clock.now()
         try:
-            with self.db.session() as s:
-                outcome, streamed = self._index(
-                    s, info, request, header, obj.key, size, sha256, now
-                )
+            # committed together with other associations' instances when they arrive at once;
+            # returns only after the commit that holds this instance's rows
+            outcome, streamed = self._commits.run(
+                lambda s: self._index(s, info, request, header, obj.key, size, sha256, now)
+            )
         except BaseException:
             self.spool.delete(obj.key)
             raise
@@ -308,9 +319,10 @@ class IngestService:
         event_type: str = "c-store",
     ) -> tuple[str, bool]:
         ds = header.values
-        versions = s.execute(
-            select(Instance.version, Instance.sha256).where(
-                Instance.sop_instance_uid == request.sop_instance_uid
+        conn = s.connection()
+        versions = conn.execute(
+            select(_INSTANCES.c.version, _INSTANCES.c.sha256).where(
+                _INSTANCES.c.sop_instance_uid == request.sop_instance_uid
             )
         ).all()
         base = AuditRecord(
@@ -352,28 +364,31 @@ class IngestService:
             )
             return "rejected-duplicate", False
         version = max((v.version for v in versions), default=0) + 1
-        instance = Instance(
-            spool_key=key,
-            sop_instance_uid=request.sop_instance_uid,
-            version=version,
-            sop_class_uid=request.sop_class_uid,
-            transfer_syntax_uid=request.transfer_syntax_uid,
-            study_instance_uid=header.study_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            modality=_text(ds, "Modality", 16),
-            instance_number=_text(ds, "InstanceNumber", 12),
-            size=size,
-            sha256=sha256,
-            received_at=now,
-            calling_ae_title=info.calling_ae_title[:16],
-            called_ae_title=info.called_ae_title[:16],
-            calling_address=info.address[:64],
-            association_id=info.association_id,
-        )
-        s.add(instance)
-        s.flush()
-        self._summaries(s, ds, header, now)
-        streamed = self._route(s, info, ds, header, instance.id, now)
+        modality = _text(ds, "Modality", 16)
+        instance_id: int = conn.execute(
+            insert(_INSTANCES)
+            .values(
+                spool_key=key,
+                sop_instance_uid=request.sop_instance_uid,
+                version=version,
+                sop_class_uid=request.sop_class_uid,
+                transfer_syntax_uid=request.transfer_syntax_uid,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                modality=modality,
+                instance_number=_text(ds, "InstanceNumber", 12),
+                size=size,
+                sha256=sha256,
+                received_at=now,
+                calling_ae_title=info.calling_ae_title[:16],
+                called_ae_title=info.called_ae_title[:16],
+                calling_address=info.address[:64],
+                association_id=info.association_id,
+            )
+            .returning(_INSTANCES.c.id)
+        ).scalar_one()
+        self._summaries(conn, ds, header, modality, now)
+        streamed = self._route(s, info, ds, header, instance_id, now)
         detail: dict[str, object] = {"association_id": info.association_id, "size": size}
         if version > 1:
             detail["duplicate"] = "different-content-kept"
@@ -381,37 +396,37 @@ class IngestService:
         append(s, _with(base, detail=detail), node=node, now=now)
         return "stored", streamed
 
-    def _summaries(self, s: Session, ds: Dataset, header: _Header, now: datetime) -> None:
-        insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
-        study_values = {
-            "study_instance_uid": header.study_instance_uid,
-            "patient_id": _text(ds, "PatientID", 64),
-            "patient_name": _text(ds, "PatientName", 324),
-            "patient_birth_date": _text(ds, "PatientBirthDate", 8),
-            "patient_sex": _text(ds, "PatientSex", 16),
-            "study_date": _text(ds, "StudyDate", 8),
-            "study_time": _text(ds, "StudyTime", 16),
-            "accession_number": _text(ds, "AccessionNumber", 16),
-            "study_id": _text(ds, "StudyID", 16),
-            "study_description": _text(ds, "StudyDescription", 64),
-            "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
-            "modalities": "",
-            "instance_count": 1,
-            "first_received_at": now,
-            "last_received_at": now,
-        }
-        study_insert = insert(Study).values(**study_values)
-        s.execute(
+    def _summaries(
+        self, conn: Connection, ds: Dataset, header: _Header, modality: str, now: datetime
+    ) -> None:
+        insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        study_insert = insert_(_STUDIES).values(
+            study_instance_uid=header.study_instance_uid,
+            patient_id=_text(ds, "PatientID", 64),
+            patient_name=_text(ds, "PatientName", 324),
+            patient_birth_date=_text(ds, "PatientBirthDate", 8),
+            patient_sex=_text(ds, "PatientSex", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            study_time=_text(ds, "StudyTime", 16),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_id=_text(ds, "StudyID", 16),
+            study_description=_text(ds, "StudyDescription", 64),
+            referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+            modalities="",
+            instance_count=1,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        conn.execute(
             study_insert.on_conflict_do_update(
-                index_elements=[Study.study_instance_uid],
+                index_elements=[_STUDIES.c.study_instance_uid],
                 set_={
-                    "instance_count": Study.instance_count + 1,
+                    "instance_count": _STUDIES.c.instance_count + 1,
                     "last_received_at": study_insert.excluded.last_received_at,
                 },
             )
         )
-        modality = _text(ds, "Modality", 16)
-        series_insert = insert(Series).values(
+        series_insert = insert_(_SERIES).values(
             series_instance_uid=header.series_instance_uid,
             study_instance_uid=header.study_instance_uid,
             modality=modality,
@@ -419,22 +434,25 @@ class IngestService:
             series_description=_text(ds, "SeriesDescription", 64),
             instance_count=1,
         )
-        new_series = s.execute(
+        new_series = conn.execute(
             series_insert.on_conflict_do_update(
-                index_elements=[Series.series_instance_uid],
-                set_={"instance_count": Series.instance_count + 1},
-            ).returning(Series.instance_count)
+                index_elements=[_SERIES.c.series_instance_uid],
+                set_={"instance_count": _SERIES.c.instance_count + 1},
+            ).returning(_SERIES.c.instance_count)
         ).scalar_one()
         if new_series == 1 and modality:
             # a new series may bring a new modality to the study (rare: once per series)
-            study = s.execute(
-                select(Study)
-                .where(Study.study_instance_uid == header.study_instance_uid)
-                .with_for_update()
+            where = _STUDIES.c.study_instance_uid == header.study_instance_uid
+            modalities = conn.execute(
+                select(_STUDIES.c.modalities).where(where).with_for_update()
             ).scalar_one()
-            mods = [m for m in study.modalities.split("\\") if m]
+            mods = [m for m in modalities.split("\\") if m]
             if modality not in mods:
-                study.modalities = "\\".join([*mods, modality])[:128]
+                conn.execute(
+                    update(_STUDIES)
+                    .where(where)
+                    .values(modalities="\\".join([*mods, modality])[:128])
+                )
 
     def _route(
         self,
@@ -465,6 +483,7 @@ class IngestService:
             return [str(value)]
 
         streamed = False
+        candidates: list[dict[str, object]] = []
         for route in self.cfg.routes:
             if not matches(route.match, lookup):
                 continue
@@ -480,23 +499,16 @@ class IngestService:
                         now=now,
                     )
                 streamed = True
-                s.add(
-                    RouteCandidate(
-                        instance_id=instance_id,
-                        study_instance_uid=header.study_instance_uid,
-                        route_name=route.name,
-                        routed=1,
-                    )
-                )
-            else:
-                s.add(
-                    RouteCandidate(
-                        instance_id=instance_id,
-                        study_instance_uid=header.study_instance_uid,
-                        route_name=route.name,
-                        routed=0,
-                    )
-                )
+            candidates.append(
+                {
+                    "instance_id": instance_id,
+                    "study_instance_uid": header.study_instance_uid,
+                    "route_name": route.name,
+                    "routed": 1 if route.mode == "stream" else 0,
+                }
+            )
+        if candidates:
+            s.connection().execute(insert(_ROUTE_CANDIDATES), candidates)
         return streamed
 
     # --- start-up -----------------------------------------------------------------------

@@ -398,7 +398,7 @@ def test_append_to_open_joins_the_unclaimed_delivery(db: Database) -> None:
                 profile="",
                 instance_id=instance_id,
                 now=T0,
-            ).id
+            )
 
     first = append(ids[0])
     assert append(ids[1]) == first

@@ -1,0 +1,100 @@
+"""Group commit: units of work from several threads committed in one index transaction.
+
+Each received instance needs its index and audit rows committed before its C-STORE response,
+and every commit is an fsync of the write-ahead log. With several associations at once the
+threads queue on the one writer anyway, so whichever thread finds no batch running leads: it
+takes every unit of work queued so far, runs them in order in one transaction and commits
+once; each caller returns only after the commit that holds its rows (or raises). The order
+of durability for each caller is unchanged: its spool file is fsync'd and renamed before it
+submits, and it answers the peer only when :meth:`GroupCommit.run` has returned.
+
+A unit of work that raises makes the batch roll back; the units are then run again, each in a
+transaction of its own, so one bad instance never fails the others and each caller gets its
+own outcome. Units of work must therefore touch nothing but the session (they may run twice).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+from gateway.index.db import Database
+
+T = TypeVar("T")
+
+
+class _Unit(Generic[T]):
+    __slots__ = ("done", "error", "result", "work")
+
+    def __init__(self, work: Callable[[Session], T]) -> None:
+        self.work = work
+        self.done = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Run units of work from concurrent threads in shared transactions (see module docs)."""
+
+    def __init__(self, db: Database, *, max_batch: int = 64) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Unit[object]] = []
+        self._leading = False
+
+    def run(self, work: Callable[[Session], T]) -> T:
+        """Run ``work(session)`` in a transaction, maybe shared; return after its commit.
+
+        Raises what ``work`` raised, or :class:`~gateway.errors.IndexError_` when the
+        commit failed (nothing of ``work`` is then in the index).
+        """
+        unit: _Unit[T] = _Unit(work)
+        with self._cond:
+            self._queue.append(unit)  # type: ignore[arg-type]
+        while True:
+            with self._cond:
+                while not unit.done and self._leading:
+                    self._cond.wait()
+                if unit.done:
+                    break
+                self._leading = True  # first in line: run the queue so far (ours included)
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+        if unit.error is not None:
+            raise unit.error
+        return unit.result  # type: ignore[return-value]
+
+    def _commit(self, batch: list[_Unit[object]]) -> None:
+        try:
+            if len(batch) == 1:
+                self._alone(batch[0])
+                return
+            try:
+                results = []
+                with self.db.session() as s:
+                    for unit in batch:
+                        results.append(unit.work(s))
+                for unit, result in zip(batch, results, strict=True):
+                    unit.result = result
+            except BaseException:  # noqa: BLE001 - one unit failed: each runs again alone
+                for unit in batch:
+                    self._alone(unit)
+        finally:
+            for unit in batch:
+                unit.done = True
+
+    def _alone(self, unit: _Unit[object]) -> None:
+        try:
+            with self.db.session() as s:
+                unit.result = unit.work(s)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller that owns the unit
+            unit.error = exc
