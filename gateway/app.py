@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 
+from gateway.audit.export import AuditExporter, tls_connector
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
 from gateway.crypto.keys import CURRENT_KEK, Keyring, init_node_keys, keys_dir, load_keyring
@@ -112,6 +113,15 @@ class Node:
                 own=self.own_keys,
                 peers=self.peers,
             )
+        self.audit_exporter: AuditExporter | None = None
+        if cfg.audit.export.enabled:
+            self.audit_exporter = AuditExporter(
+                cfg,
+                db=self.db,
+                clock=self.clock,
+                metrics=self.metrics,
+                connector=tls_connector(cfg),
+            )
         self._stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
 
@@ -143,6 +153,8 @@ class Node:
             )
         if self.cfg.metrics.enabled:
             self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        if self.audit_exporter is not None:
+            self.audit_exporter.start()
         self.server.start()
         if self.peer_server is not None:
             self.peer_server.start()
@@ -184,6 +196,8 @@ class Node:
         self.worker.stop(timeout=grace)
         if self._housekeeping is not None:
             self._housekeeping.join(grace)
+        if self.audit_exporter is not None:
+            self.audit_exporter.stop(timeout=grace)
         self.db.dispose()
 
 

@@ -19,6 +19,7 @@ original, so callers only ever see these classes::
     │   ├── PermanentError     the destination will not accept (A9xx, Cxxx, 0117, no syntax)
     │   └── QuarantineError    preparing an instance failed closed: nothing may leave
     ├── AuditChainError        the audit hash chain does not verify
+    ├── AuditExportError       the audit repository cannot be reached or dropped the connection
     └── CryptoError            key material is missing, unsafe or unusable; a seal cannot be made
         └── IntegrityError     authenticated data does not verify (tampered, truncated, wrong key)
 
@@ -127,6 +128,14 @@ class AuditChainError(GatewayError):
         self.sequence = sequence
         self.reason = reason
         super().__init__(f"audit row {sequence}: {reason}")
+
+
+class AuditExportError(GatewayError):
+    """Sending to the audit repository failed; ``kind`` is connect, tls or send."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(f"{kind}: {message}")
 
 
 class CryptoError(GatewayError):

@@ -70,5 +70,29 @@ class Metrics:
             registry=r,
         )
 
+        self.audit_export_lag = Gauge(
+            "gateway_audit_export_lag_rows",
+            "Audit rows not yet sent to the audit repository (the chain's head minus the cursor)",
+            registry=r,
+        )
+        self.audit_export_messages = Counter(
+            "gateway_audit_export_messages",
+            "Audit messages written to the audit repository (resends included)",
+            registry=r,
+        )
+        self.audit_export_failures = Counter(
+            "gateway_audit_export_failures",
+            "Failed connections or sends to the audit repository by kind (connect, tls, send)",
+            ["kind"],
+            registry=r,
+        )
+
+        self.qr_peer_requests = Counter(
+            "gateway_qr_peer_requests",
+            "Federated query/retrieve requests to peer nodes by outcome",
+            ["peer", "outcome"],
+            registry=r,
+        )
+
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -50,9 +50,10 @@ _POSITIVE_KEYS = frozenset(
         "timeout",
         "max_package_bytes",
         "max_results",
+        "batch_size",
     }
 )
-_NON_NEGATIVE_KEYS = frozenset({"spool_min_free_bytes", "quiet_seconds"})
+_NON_NEGATIVE_KEYS = frozenset({"spool_min_free_bytes", "quiet_seconds", "resend_on_reconnect"})
 
 
 def load_config(path: str | Path) -> model.GatewayConfig:
@@ -256,6 +257,13 @@ def _check_url(builder: _Builder, value: str, key: str) -> None:
         raise builder.fail(key, "an https://HOST:PORT URL (the peer endpoint, TLS only)")
 
 
+def _check_app_name(builder: _Builder, value: str, key: str) -> None:
+    if not 0 < len(value) <= 48 or not all(32 < ord(c) < 127 for c in value):
+        raise builder.fail(
+            key, "1-48 printable ASCII characters without spaces (RFC 5424 APP-NAME)"
+        )
+
+
 _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "ae_title": _check_ae,
     "called_ae": _check_ae,
@@ -273,6 +281,7 @@ _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "pin_sha256": _check_pin,
     "peer": _check_peer_name,
     "url": _check_url,
+    "app_name": _check_app_name,
 }
 
 
@@ -327,6 +336,7 @@ def _check_references(name: str, cfg: model.GatewayConfig) -> None:
                     f"the name of a [[destinations]] entry ('{dname}' is not defined)",
                 )
     _check_tls(name, cfg)
+    _check_audit_export(name, cfg)
     for i, entry in enumerate(cfg.dicom.allow):
         if not entry.calling_ae:
             raise ConfigError(name, f"dicom.allow[{i}].calling_ae", "at least one AE title or '*'")
@@ -354,3 +364,17 @@ def _check_tls(name: str, cfg: model.GatewayConfig) -> None:
             raise ConfigError(
                 name, f"destinations[{i}].tls.key_file", "cert_file and key_file given together"
             )
+
+
+def _check_audit_export(name: str, cfg: model.GatewayConfig) -> None:
+    export = cfg.audit.export
+    if export.enabled and not export.host:
+        raise ConfigError(name, "audit.export.host", "the audit repository's host name or address")
+    if export.enabled and export.ca_file is None:
+        raise ConfigError(
+            name, "audit.export.ca_file", "the CA file the repository's certificate must chain to"
+        )
+    if (export.cert_file is None) != (export.key_file is None):
+        raise ConfigError(name, "audit.export.key_file", "cert_file and key_file given together")
+    if export.backoff_initial > export.backoff_max:
+        raise ConfigError(name, "audit.export.backoff_max", "a number of backoff_initial or more")

@@ -217,6 +217,33 @@ class QRConfig:
 
 
 @dataclass(frozen=True)
+class AuditExportConfig:
+    """Export of the audit rows as DICOM audit messages over syslog TLS (RFC 5424/5425)."""
+
+    enabled: bool = False
+    host: str = ""  # the audit repository; required when enabled
+    port: int = 6514
+    ca_file: Path | None = None  # the repository's certificate must chain to it; required
+    cert_file: Path | None = None  # None: the node's TLS certificate, when it exists
+    key_file: Path | None = None
+    server_name: str = ""  # "": host
+    allow_tls12: bool = False
+    app_name: str = "dicom-gateway"
+    enterprise_site_id: str = ""
+    batch_size: int = 100
+    poll_interval: float = 1.0
+    timeout: float = 10.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    resend_on_reconnect: int = 100
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    export: AuditExportConfig = field(default_factory=AuditExportConfig)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: Path
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -231,6 +258,7 @@ class GatewayConfig:
     destinations: tuple[DestinationConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     qr: QRConfig = field(default_factory=QRConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     @property
     def state_dir(self) -> Path:

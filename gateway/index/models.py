@@ -242,3 +242,17 @@ class PeerReceipt(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     receipt: Mapped[str] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditExportCursor(Base):
+    """How far the audit exporter has sent the chain to one repository (``host:port``).
+
+    ``seq`` is the last row whose message was written and acknowledged by the repository's
+    TCP stack; it only moves forward, and is committed after the send, never with the row.
+    """
+
+    __tablename__ = "audit_export_cursors"
+
+    repository: Mapped[str] = mapped_column(String(300), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -58,6 +58,7 @@ from gateway.index.db import Database
 from gateway.index.models import PeerReceipt
 from gateway.peer.channel import client_peer_context
 from gateway.peer.material import OwnKeys, PeerTrust
+from gateway.preamble import ZeroPreambleReader
 from gateway.spool.store import Spool
 from gateway.transfer.destinations import Report, SendResult
 from gateway.transfer.pipeline import DeliveryContext
@@ -130,8 +131,14 @@ class SealStep:
         out = package.folder / f"{index}.sealed"
         try:
             with self.spool.open_path(item.path) as src, out.open("wb") as dst:
+                # the preamble is never passed on (A18): the peer gets (and the manifest
+                # hashes) the instance with a zero preamble
                 entry = seal_instance(
-                    src, dst, recipient, package_id=delivery.delivery_id, index=index
+                    cast(BinaryIO, ZeroPreambleReader(src)),
+                    dst,
+                    recipient,
+                    package_id=delivery.delivery_id,
+                    index=index,
                 )
         except IntegrityError as exc:
             raise QuarantineError(f"spool file integrity check failed: {exc}") from None

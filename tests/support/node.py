@@ -82,6 +82,7 @@ class GatewayNode:
         name: str = "test-node",
         peer: dict[str, Any] | None = None,
         peers: Sequence[dict[str, Any]] = (),
+        audit: dict[str, Any] | None = None,
     ) -> None:
         """``wrapper`` is a command prefix for ``serve`` (e.g. ``unshare -m bash -c ...``);
         it must end by exec'ing its arguments, so ``pid`` stays the node's."""
@@ -133,6 +134,8 @@ class GatewayNode:
             sections["peer"] = peer
         if peers:
             sections["peers"] = list(peers)
+        if audit is not None:
+            sections["audit"] = dict(audit)
         if destinations:
             sections["destinations"] = list(destinations)
         if routes:
