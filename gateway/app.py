@@ -21,6 +21,8 @@ from gateway.metrics import Metrics
 from gateway.peer.client import SealStep, build_peer_destinations
 from gateway.peer.material import load_own_keys, load_peers
 from gateway.peer.server import PeerServer
+from gateway.qr.federation import FederationClient
+from gateway.qr.responder import PeerQueryResponder
 from gateway.qr.service import QRService
 from gateway.routing.router import Router
 from gateway.spool.store import Spool
@@ -50,7 +52,11 @@ class Node:
         self.metrics = Metrics()
         self.deid_step = DeidStep(cfg, outgoing_dir=cfg.spool_dir / "outgoing", spool=self.spool)
         # peers: trusted material and this node's keys, loaded only when peers are in use
-        uses_peers = cfg.peer.enabled or any(d.type == "peer" for d in cfg.destinations)
+        uses_peers = (
+            cfg.peer.enabled
+            or any(d.type == "peer" for d in cfg.destinations)
+            or bool(cfg.qr.federation)
+        )
         self.peers = load_peers(cfg) if uses_peers else {}
         self.own_keys = load_own_keys(cfg) if uses_peers else None
         self.seal_step = SealStep(
@@ -92,14 +98,18 @@ class Node:
             on_stream_delivery=self.worker.wakeup.set,
         )
         self.spool.on_health = self.ingest.spool_health_changed
+        for name in self.seal_step.targets:
+            if name not in self.worker.capacity:  # federated retrieves: two packages at once
+                self.worker.capacity[name] = 2
         self.router = Router(cfg, db=self.db, clock=self.clock, metrics=self.metrics)
+        self.query_retrieve = self._query_retrieve()
         self.server = DicomServer(
             cfg.dicom,
             self.ingest,
             incoming_dir=self.spool.incoming,
             on_security_event=lambda kind: self.metrics.security_events.labels(kind).inc(),
             tls_context=listener_context(cfg),
-            query_retrieve=self._query_retrieve(),
+            query_retrieve=self.query_retrieve,
             spool=self.spool,
         )
         self.peer_server: PeerServer | None = None
@@ -112,6 +122,7 @@ class Node:
                 metrics=self.metrics,
                 own=self.own_keys,
                 peers=self.peers,
+                qr_responder=self._qr_responder(),
             )
         self.audit_exporter: AuditExporter | None = None
         if cfg.audit.export.enabled:
@@ -137,11 +148,34 @@ class Node:
             upstream=UpstreamClient(upstream, calling_ae_title=self.cfg.dicom.ae_title)
             if upstream is not None
             else None,
+            federation=FederationClient(
+                self.cfg,
+                self.peers,
+                on_outcome=lambda peer, outcome: self.metrics.qr_peer_requests.labels(
+                    peer, outcome
+                ).inc(),
+            )
+            if self.cfg.qr.federation
+            else None,
+        )
+
+    def _qr_responder(self) -> PeerQueryResponder | None:
+        if not self.cfg.qr.grants or self.query_retrieve is None:
+            return None
+        return PeerQueryResponder(
+            self.cfg,
+            qr=self.query_retrieve,
+            db=self.db,
+            clock=self.clock,
+            key_of=self.deid_step.key,
+            on_delivery=self.worker.wakeup.set,
         )
 
     def start(self) -> None:
         check_profiles(self.cfg)
-        if any(route.profile for route in self.cfg.routes):
+        if any(route.profile for route in self.cfg.routes) or any(
+            grant.profile for grant in self.cfg.qr.grants
+        ):
             self.deid_step.key()  # load (or, for development, make) the secret before serving
         # files prepared by attempts a crash interrupted: every attempt prepares afresh
         shutil.rmtree(self.deid_step.outgoing_dir, ignore_errors=True)

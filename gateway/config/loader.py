@@ -50,6 +50,8 @@ _POSITIVE_KEYS = frozenset(
         "timeout",
         "max_package_bytes",
         "max_results",
+        "retrieve_timeout",
+        "grant_scan_limit",
         "batch_size",
     }
 )
@@ -245,6 +247,11 @@ def _check_peer_name(builder: _Builder, value: str, key: str) -> None:
         _check_name(builder, value, key)
 
 
+def _check_peer_or_any(builder: _Builder, value: str, key: str) -> None:
+    if value != "*":
+        _check_name(builder, value, key)
+
+
 def _check_url(builder: _Builder, value: str, key: str) -> None:
     if not (key == "peer.url" or key.startswith("peers[")) or (value == "" and key == "peer.url"):
         return
@@ -280,6 +287,8 @@ _STRING_CHECKS: dict[str, Callable[[_Builder, str, str], None]] = {
     "server_name": _check_server_name,
     "pin_sha256": _check_pin,
     "peer": _check_peer_name,
+    "peers": _check_peer_or_any,
+    "callers": _check_caller,
     "url": _check_url,
     "app_name": _check_app_name,
 }
@@ -336,10 +345,41 @@ def _check_references(name: str, cfg: model.GatewayConfig) -> None:
                     f"the name of a [[destinations]] entry ('{dname}' is not defined)",
                 )
     _check_tls(name, cfg)
+    _check_federation(name, cfg, peer_names)
     _check_audit_export(name, cfg)
     for i, entry in enumerate(cfg.dicom.allow):
         if not entry.calling_ae:
             raise ConfigError(name, f"dicom.allow[{i}].calling_ae", "at least one AE title or '*'")
+
+
+def _check_federation(name: str, cfg: model.GatewayConfig, peer_names: set[str]) -> None:
+    for i, fed in enumerate(cfg.qr.federation):
+        if fed.peer not in peer_names:
+            raise ConfigError(
+                name,
+                f"qr.federation[{i}].peer",
+                f"the name of a [[peers]] entry ('{fed.peer}' is not defined)",
+            )
+        if not fed.callers:
+            raise ConfigError(name, f"qr.federation[{i}].callers", "at least one AE title or '*'")
+    grant_names: set[str] = set()
+    for i, grant in enumerate(cfg.qr.grants):
+        if grant.name in grant_names:
+            raise ConfigError(
+                name, f"qr.grants[{i}].name", f"a unique name ('{grant.name}' repeats)"
+            )
+        grant_names.add(grant.name)
+        if not grant.peers:
+            raise ConfigError(name, f"qr.grants[{i}].peers", "at least one peer name or '*'")
+        for j, peer in enumerate(grant.peers):
+            if peer != "*" and peer not in peer_names:
+                raise ConfigError(
+                    name,
+                    f"qr.grants[{i}].peers[{j}]",
+                    f"the name of a [[peers]] entry or '*' ('{peer}' is not defined)",
+                )
+        if not grant.callers:
+            raise ConfigError(name, f"qr.grants[{i}].callers", "at least one AE title or '*'")
 
 
 def _check_tls(name: str, cfg: model.GatewayConfig) -> None:

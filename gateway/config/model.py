@@ -203,6 +203,28 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class FederationPeerConfig:
+    """A peer node this node's C-FIND/C-MOVE/C-GET fan out to, over the peer channel."""
+
+    peer: str  # the name of a [[peers]] entry
+    callers: tuple[str, ...] = ("*",)  # calling AE titles whose requests go to it
+    timeout: float = 5.0  # seconds for it to answer a C-FIND or accept a retrieve
+    retrieve_timeout: float = 300.0  # seconds for a retrieved study to arrive from it
+
+
+@dataclass(frozen=True)
+class PeerGrantConfig:
+    """What a peer node's callers may query and retrieve here, and with which profile."""
+
+    name: str
+    peers: tuple[str, ...]  # peer node names ([[peers]] entries) or "*"
+    callers: tuple[str, ...] = ("*",)  # the requesting AE titles at that peer, or "*"
+    match: Condition = field(default_factory=MatchAll)  # study attributes, CallingAETitle
+    profile: str = ""  # de-identification applied to answers and instances; "": none
+    retrieve: bool = True  # False: may query only
+
+
+@dataclass(frozen=True)
 class QRConfig:
     """Query/retrieve SCP (PS3.4 Annex C) on the node's index, optionally an upstream PACS."""
 
@@ -214,6 +236,9 @@ class QRConfig:
     move_to_destinations: bool = False
     move_destinations: tuple[MoveDestinationConfig, ...] = ()
     upstream: UpstreamConfig | None = None
+    federation: tuple[FederationPeerConfig, ...] = ()
+    grants: tuple[PeerGrantConfig, ...] = ()
+    grant_scan_limit: int = 10000
 
 
 @dataclass(frozen=True)

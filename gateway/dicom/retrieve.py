@@ -68,13 +68,28 @@ class RetrieveRequest:
     move_destination: str = ""
 
 
+Arrivals = Callable[[Callable[[], bool]], Iterator[list[OutgoingFile]]]
+"""Given ``stop()``, yields batches of files as they become available (an empty batch
+while waiting, so the caller can answer a pending response and check for C-CANCEL)."""
+
+
 @dataclass
 class RetrievePlan:
-    """What a retrieve sends: spool files and, for C-MOVE, the destination."""
+    """What a retrieve sends: spool files and, for C-MOVE, the destination; with
+    ``arrivals``, ``expected`` more files that arrive later (a federated retrieve)."""
 
     files: list[OutgoingFile]
     destination: DestinationConfig | None = None
     context: dict[str, Any] = field(default_factory=dict)  # the listener's own (audit)
+    expected: int = 0
+    arrivals: Arrivals | None = None
+
+    def batches(self, stop: Callable[[], bool]) -> Iterator[list[OutgoingFile]]:
+        """The files at hand, then what arrives."""
+        if self.files:
+            yield self.files
+        if self.arrivals is not None:
+            yield from self.arrivals(stop)
 
 
 @dataclass
@@ -153,15 +168,15 @@ def response(
 
 
 def run_suboperations(
-    plan: RetrievePlan,
+    files: list[OutgoingFile],
     counts: RetrieveCounts,
     send: Callable[[OutgoingFile], int],
     *,
     is_cancelled: Callable[[], bool],
     on_result: Callable[[OutgoingFile, int | None, str], None],
 ) -> None:
-    """Send every file of ``plan``; ``on_result`` after each (audit, pending response)."""
-    for i, f in enumerate(plan.files):
+    """Send every file; ``on_result`` after each (audit, pending response)."""
+    for i, f in enumerate(files):
         if is_cancelled():
             counts.cancelled = True
             return
@@ -172,7 +187,7 @@ def run_suboperations(
         except NoAcceptableSyntax as exc:
             status, reason = None, str(exc)
         except DeliveryError as exc:  # the association is gone: the rest fail too
-            for rest in plan.files[i:]:
+            for rest in files[i:]:
                 counts.remaining -= 1
                 counts.failed += 1
                 counts.failed_uids.append(rest.sop_instance_uid)
@@ -190,10 +205,20 @@ def run_suboperations(
         on_result(f, status, reason or outcome)
 
 
-def move_sender(plan: RetrievePlan, *, calling_ae_title: str) -> Any:
-    """A context manager yielding ``send(file) -> status`` to the C-MOVE destination."""
+def move_sender(
+    plan: RetrievePlan,
+    files: list[OutgoingFile],
+    *,
+    calling_ae_title: str,
+    originator_ae_title: str,
+    originator_message_id: int,
+) -> Any:
+    """A context manager yielding ``send(file) -> status`` to the C-MOVE destination; each
+    C-STORE sub-operation names the Move Originator AE Title and Message ID (PS3.7 9.3.1.1)."""
     assert plan.destination is not None
-    return StoreSCU(plan.destination, calling_ae_title=calling_ae_title).associate(plan.files)
+    return StoreSCU(plan.destination, calling_ae_title=calling_ae_title).associate(
+        files, originator=(originator_ae_title, originator_message_id)
+    )
 
 
 @contextlib.contextmanager

@@ -123,8 +123,11 @@ class StoreSCU:
         self.tls_args = destination_context(dest)  # CryptoError names a file that won't load
 
     @contextlib.contextmanager
-    def associate(self, files: Sequence[OutgoingFile]) -> Iterator[Callable[[OutgoingFile], int]]:
-        """Yield ``send(file) -> status``; raises Retryable/PermanentError on the association."""
+    def associate(
+        self, files: Sequence[OutgoingFile], *, originator: tuple[str, int] | None = None
+    ) -> Iterator[Callable[[OutgoingFile], int]]:
+        """Yield ``send(file) -> status``; raises Retryable/PermanentError on the association.
+        ``originator``: the Move Originator AE Title and Message ID of C-MOVE sub-operations."""
         ae = AE(ae_title=self.calling_ae_title)
         ae.connection_timeout = self.dest.connect_timeout
         ae.acse_timeout = self.dest.connect_timeout
@@ -175,13 +178,18 @@ class StoreSCU:
         for cx in assoc.accepted_contexts:
             accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
 
+        moved: dict[str, Any] = {}
+        if originator is not None:
+            moved = {"originator_aet": originator[0], "originator_id": originator[1]}
+
         def send(f: OutgoingFile) -> int:
             syntaxes = accepted.get(f.sop_class_uid, set())
             try:
                 if f.transfer_syntax_uid in syntaxes:
-                    rsp = assoc.send_c_store(f.path)  # decrypted by gateway.dicom.spool_io
+                    # decrypted by gateway.dicom.spool_io
+                    rsp = assoc.send_c_store(f.path, **moved)
                 elif syntaxes & _UNCOMPRESSED:
-                    rsp = send_converted(assoc, f, syntaxes)
+                    rsp = send_converted(assoc, f, syntaxes, **moved)
                 else:
                     raise NoAcceptableSyntax(
                         "destination accepted no transfer syntax for this SOP class"
@@ -222,7 +230,9 @@ class StoreSCU:
             raise PermanentError(f"destination certificate refused: {exc}") from exc
 
 
-def send_converted(assoc: Any, f: OutgoingFile, syntaxes: set[str], *, msg_id: int = 1) -> Any:
+def send_converted(
+    assoc: Any, f: OutgoingFile, syntaxes: set[str], *, msg_id: int = 1, **moved: Any
+) -> Any:
     """Send ``f`` decoded, in a syntax ``syntaxes`` accepted (decompressing if need be).
 
     The decoded data set is sent from memory: no plaintext copy is written to disk."""
@@ -240,4 +250,4 @@ def send_converted(assoc: Any, f: OutgoingFile, syntaxes: set[str], *, msg_id: i
             f"cannot decompress {f.transfer_syntax_uid} for a destination accepting "
             "only uncompressed syntaxes"
         ) from exc
-    return assoc.send_c_store(ds, msg_id=msg_id)
+    return assoc.send_c_store(ds, msg_id=msg_id, **moved)

@@ -631,12 +631,18 @@ class DicomServer:
             self._qr_refused(info, service, status, reason)
             answer(status, None, final=True)
             return
-        counts = RetrieveCounts(remaining=len(plan.files))
+        counts = RetrieveCounts(remaining=len(plan.files) + plan.expected)
+        done: set[str] = set()
+        taken: list[Any] = []  # every file handed to a sender, in order
+        cancelled = [False]
 
         def is_cancelled() -> bool:
-            return assoc.dimse.cancel_req.pop(req.MessageID, None) is not None
+            if not cancelled[0] and assoc.dimse.cancel_req.pop(req.MessageID, None) is not None:
+                cancelled[0] = True
+            return cancelled[0]
 
         def on_result(f: Any, status: int | None, reason: str) -> None:
+            done.add(f.sop_instance_uid)
             try:
                 listener.sub_operation(info, plan, f, status, reason)
             except Exception:  # association boundary: the sub-operation audit failed
@@ -644,30 +650,54 @@ class DicomServer:
             if counts.remaining:
                 answer(PENDING, counts, final=False)
 
-        if plan.files:
-            try:
-                sender = (
-                    move_sender(plan, calling_ae_title=self.cfg.ae_title)
-                    if service == "c-move"
-                    else get_sender(assoc, int(req.MessageID))
-                )
-                with sender as send:
-                    run_suboperations(
-                        plan, counts, send, is_cancelled=is_cancelled, on_result=on_result
-                    )
-            except Exception as exc:  # association boundary: the destination is unusable
-                if not isinstance(exc, DeliveryError):
-                    log.exception(
-                        f"{service} failed", extra={"association_id": info.association_id}
-                    )
-                done = {*counts.failed_uids}
-                for f in plan.files[counts.completed + counts.warning + counts.failed :]:
-                    if f.sop_instance_uid not in done:
-                        counts.failed += 1
-                        counts.failed_uids.append(f.sop_instance_uid)
-                        with contextlib.suppress(Exception):  # boundary: audit failed
-                            listener.sub_operation(info, plan, f, None, "destination-unusable")
-                counts.remaining = 0
+        def send_all(send: Any, batch: list[Any]) -> None:
+            taken.extend(batch)
+            counts.remaining = max(counts.remaining, len(batch))  # more arrived than announced
+            run_suboperations(batch, counts, send, is_cancelled=is_cancelled, on_result=on_result)
+
+        try:
+            if service == "c-get":
+                with get_sender(assoc, int(req.MessageID)) as send:
+                    for batch in plan.batches(is_cancelled):
+                        if batch:
+                            send_all(send, batch)
+                        elif counts.remaining:  # still waiting: progress, and a chance to cancel
+                            answer(PENDING, counts, final=False)
+                        if counts.cancelled or not assoc.is_established:
+                            break
+            else:
+                for batch in plan.batches(is_cancelled):
+                    if not batch:
+                        if counts.remaining:
+                            answer(PENDING, counts, final=False)
+                        continue
+                    with move_sender(
+                        plan,
+                        batch,
+                        calling_ae_title=self.cfg.ae_title,
+                        originator_ae_title=info.calling_ae_title,
+                        originator_message_id=int(req.MessageID),
+                    ) as send:
+                        send_all(send, batch)
+                    if counts.cancelled or not assoc.is_established:
+                        break
+        except Exception as exc:  # association boundary: the destination is unusable
+            if not isinstance(exc, DeliveryError):
+                log.exception(f"{service} failed", extra={"association_id": info.association_id})
+            failed = {*counts.failed_uids}
+            for f in taken:
+                if f.sop_instance_uid not in done and f.sop_instance_uid not in failed:
+                    counts.failed += 1
+                    counts.failed_uids.append(f.sop_instance_uid)
+                    with contextlib.suppress(Exception):  # boundary: audit failed
+                        listener.sub_operation(info, plan, f, None, "destination-unusable")
+            counts.remaining = 0
+        if cancelled[0]:
+            counts.cancelled = True
+        if counts.remaining and not counts.cancelled:
+            # expected from a peer but never arrived (its retrieve timed out or failed)
+            counts.failed += counts.remaining
+            counts.remaining = 0
         status = counts.final_status()
         try:
             listener.retrieve_finished(info, plan, counts, status)

@@ -55,7 +55,7 @@ from gateway.errors import (
 )
 from gateway.ids import new_id
 from gateway.index.db import Database
-from gateway.index.models import PeerReceipt
+from gateway.index.models import Delivery, PeerReceipt
 from gateway.peer.channel import client_peer_context
 from gateway.peer.material import OwnKeys, PeerTrust
 from gateway.preamble import ZeroPreambleReader
@@ -97,6 +97,8 @@ class SealStep:
         self.folder = folder
         self.suite = HpkeSuite(cfg.peer.suite)
         self.targets = {d.name: d.peer for d in cfg.destinations if d.type == "peer"}
+        if cfg.qr.grants:  # federated retrieves go to the asking peer (gateway.qr.responder)
+            self.targets.update({f"peer:{p.name}": p.name for p in cfg.peers})
         self._profile_of = profile_of
         # one package per attempt: keyed by the attempt's DeliveryContext object, since two
         # attempts of one delivery may overlap (a lease that expired while preparing)
@@ -238,7 +240,7 @@ class PeerDestination:
             raise RetryableError(
                 f"peer {self.peer.name} unreachable: {exc.__class__.__name__}"
             ) from None
-        self._keep_receipt(package, manifest, document, answer, trace_id)
+        self._keep_receipt(package, manifest, document, answer, trace_id, files)
         for i in range(len(files)):
             report(SendResult(i, "sent", None, ""))
 
@@ -298,6 +300,7 @@ class PeerDestination:
         document: bytes,
         answer: Mapping[str, Any],
         trace_id: str,
+        files: Sequence[OutgoingFile] = (),
     ) -> None:
         try:
             held_doc = str(answer["manifest"]).encode("ascii")
@@ -354,6 +357,29 @@ class PeerDestination:
                 node=self.cfg.node.name,
                 now=now,
             )
+            delivery = s.get(Delivery, package.delivery_id)
+            if delivery is not None and delivery.route_name.startswith("qr-"):
+                # a federated retrieve: each instance is a sub-operation of the peer's request
+                for f in files:
+                    append(
+                        s,
+                        AuditRecord(
+                            "sub-operation",
+                            "success",
+                            sop_class_uid=f.sop_class_uid,
+                            sop_instance_uid=f.sop_instance_uid,
+                            study_instance_uid=delivery.study_instance_uid,
+                            delivery_id=package.delivery_id,
+                            detail={
+                                "service": delivery.route_name.removeprefix("qr-"),
+                                "peer": self.peer.name,
+                                "package_id": receipt.package_id,
+                                "outcome": "completed",
+                            },
+                        ),
+                        node=self.cfg.node.name,
+                        now=now,
+                    )
         log.info(
             "peer receipt kept",
             extra={"delivery_id": package.delivery_id, "trace_id": trace_id},
@@ -369,10 +395,18 @@ def build_peer_destinations(
     db: Database,
     clock: Clock,
 ) -> dict[str, PeerDestination]:
-    return {
+    """The ``type = "peer"`` destinations and, with ``[[qr.grants]]``, one ``peer:<name>``
+    per peer for what federated retrieves send back (the seal step's targets)."""
+    out = {
         d.name: PeerDestination(
             cfg, name=d.name, peer=peers[d.peer], own=own, seal=seal, db=db, clock=clock
         )
         for d in cfg.destinations
         if d.type == "peer"
     }
+    for name, peer in seal.targets.items():
+        if name not in out:
+            out[name] = PeerDestination(
+                cfg, name=name, peer=peers[peer], own=own, seal=seal, db=db, clock=clock
+            )
+    return out

@@ -10,6 +10,11 @@ Wire protocol (JSON answers; ``{"error": CODE, "detail": TEXT}`` on refusal)::
     POST /peer/v1/packages/{id}/commit
          -> {"state": "complete", "manifest": DOC, "receipt": DOC}
          -> 409 {"error": "incomplete", "missing": [index, ...]}
+    POST /peer/v1/qr/find                      body: {"requester", "model", "identifier"}
+         -> {"level", "matches": [{keyword: text}], "truncated"}   (federated C-FIND)
+    POST /peer/v1/qr/retrieve                  body: the same and "service", "destination"
+         -> {"packages": [id, ...], "instances": n}   sent to the asker as sealed packages
+         -> 403 {"error": "peer-caller-not-granted"}  the policy refuses (``[[qr.grants]]``)
 
 The client is identified by its certificate (the trust anchors are exactly the peers'
 certificates, see ``channel.py``), and a manifest must be signed by that peer, name it as
@@ -39,7 +44,7 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Final, cast
+from typing import Any, BinaryIO, Final, Protocol, cast
 
 from aiohttp import web
 from pydicom import dcmread
@@ -60,7 +65,14 @@ from gateway.crypto.seal import (
 from gateway.crypto.tls import certificate_sha256
 from gateway.dicom.server import AssociationInfo, StoreRequest
 from gateway.durable import fsync_dir
-from gateway.errors import CryptoError, GatewayError, IndexError_, IngestError, IntegrityError
+from gateway.errors import (
+    CryptoError,
+    GatewayError,
+    IndexError_,
+    IngestError,
+    IntegrityError,
+    QueryRetrieveError,
+)
 from gateway.ids import new_id
 from gateway.index.db import Database
 from gateway.index.models import PeerPackage
@@ -461,6 +473,15 @@ class _TLSAcceptor(asyncio.Protocol):
         handler.connection_made(tls)
 
 
+class QueryResponder(Protocol):
+    """Answers federated query/retrieve requests (:mod:`gateway.qr.responder`); raises
+    :class:`~gateway.errors.QueryRetrieveError` to refuse (having audited the refusal)."""
+
+    def find(self, peer: str, address: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def retrieve(self, peer: str, address: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
 class PeerServer:
     """Runs the endpoint on its own thread and event loop inside the serve process."""
 
@@ -474,8 +495,11 @@ class PeerServer:
         metrics: Metrics,
         own: OwnKeys,
         peers: Mapping[str, PeerTrust],
+        qr_responder: QueryResponder | None = None,
     ) -> None:
         self.cfg = cfg
+        self.qr_responder = qr_responder
+        self.metrics = metrics
         self.receiver = Receiver(
             cfg, db=db, ingest=ingest, clock=clock, metrics=metrics, own=own, peers=peers
         )
@@ -519,6 +543,9 @@ class PeerServer:
         app.router.add_put("/peer/v1/packages/{package_id}/manifest", self._manifest)
         app.router.add_put("/peer/v1/packages/{package_id}/instances/{index}", self._instance)
         app.router.add_post("/peer/v1/packages/{package_id}/commit", self._commit)
+        if self.qr_responder is not None:
+            app.router.add_post("/peer/v1/qr/find", self._qr_find)
+            app.router.add_post("/peer/v1/qr/retrieve", self._qr_retrieve)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         factory = self._runner.server
@@ -578,6 +605,13 @@ class PeerServer:
             )
             body = {"error": refusal.reason, "detail": refusal.message, **(refusal.extra or {})}
             return web.json_response(body, status=refusal.status)
+        except QueryRetrieveError as exc:  # a federated query refused (audited by the responder)
+            self.metrics.security_events.labels("peer-qr-refused").inc()
+            log.warning("peer query refused", extra={"reason": exc.reason, "peer": peer_name})
+            status = 403 if exc.status == 0x0124 else 400
+            return web.json_response(
+                {"error": exc.reason, "detail": f"0x{exc.status:04X}"}, status=status
+            )
         except GatewayError as exc:
             log.warning("peer request failed", extra={"error": exc.__class__.__name__})
             return web.json_response(
@@ -627,6 +661,29 @@ class PeerServer:
             )
 
         return await self._guarded(request, work)
+
+    async def _qr(self, request: web.Request, action: str) -> web.Response:
+        responder = self.qr_responder
+        assert responder is not None
+
+        async def work(peer: PeerTrust, address: str) -> Any:
+            try:
+                body = json.loads(await request.read())
+            except ValueError:
+                raise Refusal(400, "bad-request", "a JSON body", security=False) from None
+            if not isinstance(body, dict):
+                raise Refusal(400, "bad-request", "a JSON object", security=False)
+            loop = asyncio.get_running_loop()
+            method = responder.find if action == "find" else responder.retrieve
+            return await loop.run_in_executor(None, method, peer.name, address, body)
+
+        return await self._guarded(request, work)
+
+    async def _qr_find(self, request: web.Request) -> web.Response:
+        return await self._qr(request, "find")
+
+    async def _qr_retrieve(self, request: web.Request) -> web.Response:
+        return await self._qr(request, "retrieve")
 
     async def _commit(self, request: web.Request) -> web.Response:
         package_id = request.match_info["package_id"]

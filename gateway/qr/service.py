@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
@@ -30,6 +31,7 @@ from gateway.dicom.retrieve import (
     IDENTIFIER_MISMATCH,
     MOVE_DESTINATION_UNKNOWN,
     NOT_AUTHORIZED,
+    UNABLE_TO_PERFORM,
     FindResult,
     QueryRequest,
     RetrieveCounts,
@@ -40,12 +42,16 @@ from gateway.dicom.scu import OutgoingFile
 from gateway.dicom.status import OUT_OF_RESOURCES
 from gateway.errors import QueryRetrieveError
 from gateway.index.db import Database
+from gateway.index.models import PeerPackage
 from gateway.qr import query
+from gateway.qr.federation import FederationClient, PeerAnswer
 from gateway.qr.matching import Matcher, MatchingError, Universal, parse
 from gateway.spool.store import Spool
 
 log = logging.getLogger(__name__)
 
+_POLL_SECONDS = 0.25  # how often a federated retrieve looks for arrived packages
+_PROGRESS_SECONDS = 5.0  # a pending response at least this often while waiting
 NOT_MATCHED = ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle")
 Upstream = Any  # gateway.dicom.qr_scu.UpstreamClient (find, move)
 
@@ -59,12 +65,14 @@ class QRService:
         spool: Spool,
         clock: Clock,
         upstream: Upstream | None = None,
+        federation: FederationClient | None = None,
     ) -> None:
         self.cfg = cfg
         self.db = db
         self.spool = spool
         self.clock = clock
         self.upstream = upstream
+        self.federation = federation
         self.node = cfg.node.name
         self.retrieve_ae_title = cfg.qr.retrieve_ae_title or cfg.dicom.ae_title
         self._networks = [ipaddress.ip_network(a, strict=False) for a in cfg.qr.allowed_addresses]
@@ -83,13 +91,13 @@ class QRService:
                 raise QueryRetrieveError(NOT_AUTHORIZED, "caller-address-not-allowed")
 
     # --- identifiers --------------------------------------------------------------------
-    def _level(self, model: str, identifier: Dataset) -> str:
+    def level_of(self, model: str, identifier: Dataset) -> str:
         level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
         if level not in query.LEVELS or (model == "STUDY" and level == "PATIENT"):
             raise QueryRetrieveError(IDENTIFIER_MISMATCH, "invalid-query-level")
         return level
 
-    def _keys(self, identifier: Dataset) -> tuple[dict[str, Matcher], list[str]]:
+    def keys_of(self, identifier: Dataset) -> tuple[dict[str, Matcher], list[str]]:
         """Matchers of the keys the node matches on, and every requested keyword."""
         matchers: dict[str, Matcher] = {}
         requested: list[str] = []
@@ -109,11 +117,14 @@ class QRService:
     # --- C-FIND -------------------------------------------------------------------------
     def find(self, info: Any, request: QueryRequest) -> FindResult:
         self._authorize(info)
-        level = self._level(request.model, request.identifier)
-        matchers, requested = self._keys(request.identifier)
+        level = self.level_of(request.model, request.identifier)
+        matchers, requested = self.keys_of(request.identifier)
         limit = self.cfg.qr.max_results
         wanted_counts = {k for k in requested if k in query.COUNTS}
-        audit_keys = _audit_keys(request.identifier)
+        keys = audit_keys(request.identifier)
+        peers: list[PeerAnswer] = []
+        if self.federation is not None:  # first: each peer's outcome goes into the audit row
+            peers = self.federation.find(info.calling_ae_title, request.model, request.identifier)
         with self.db.session() as s:
             rows = query.find_rows(s, level=level, matchers=matchers, limit=limit + 1)
             for row in rows[:limit]:
@@ -130,8 +141,9 @@ class QRService:
                         "association_id": info.association_id,
                         "model": request.model,
                         "level": level,
-                        "keys": audit_keys,
+                        "keys": keys,
                         "matches": min(len(rows), limit),
+                        **({"peers": {p.peer: p.summary() for p in peers}} if peers else {}),
                     },
                 ),
                 node=self.node,
@@ -139,8 +151,16 @@ class QRService:
             )
         truncated = len(rows) > limit
         rows = rows[:limit]
+        seen = {row.get(query.UNIQUE_KEYS[level], "") for row in rows}
+        for answer in peers:  # merged after the index's rows, de-duplicated by the unique key
+            for row in answer.rows:
+                key = row.get(query.UNIQUE_KEYS[level], "")
+                if key and key not in seen and len(rows) < limit:
+                    seen.add(key)
+                    rows.append({k: v for k, v in row.items() if k in requested})
+                elif key and key not in seen:
+                    truncated = True
         if self.upstream is not None and len(rows) < limit:
-            seen = {row.get(query.UNIQUE_KEYS[level], "") for row in rows}
             remote = self._upstream_find(request, level)
             for ds in remote:
                 key = str(ds.get(query.UNIQUE_KEYS[level], "") or "")
@@ -194,24 +214,133 @@ class QRService:
         destination = None
         if request.service == "c-move":
             destination = self._move_destination(info, request.move_destination)
-        level = self._level(request.model, request.identifier)
-        matchers, _ = self._keys(request.identifier)
+        level = self.level_of(request.model, request.identifier)
+        matchers, _ = self.keys_of(request.identifier)
         if not any(not isinstance(m, Universal) for m in matchers.values()):
             raise QueryRetrieveError(IDENTIFIER_MISMATCH, "no-unique-key")
         limit = 100000
         files = self._select(info, request, level, matchers, limit, destination)
+        context: dict[str, Any] = {
+            "service": request.service,
+            "studies": sorted({f.study_instance_uid for f in files}),
+            "destination": request.move_destination,
+        }
+        if not files and self.federation is not None and level != "PATIENT":
+            plan = self._retrieve_from_peers(info, request, level, matchers, destination)
+            if plan is not None:
+                plan.context = {**context, **plan.context}
+                return plan
         if not files and self.upstream is not None:
             self._pull_from_upstream(request)
             files = self._select(info, request, level, matchers, limit, destination)
-        return RetrievePlan(
-            files,
-            destination,
-            {
-                "service": request.service,
-                "studies": sorted({f.study_instance_uid for f in files}),
-                "destination": request.move_destination,
-            },
+            context["studies"] = sorted({f.study_instance_uid for f in files})
+        return RetrievePlan(files, destination, context)
+
+    def _retrieve_from_peers(
+        self,
+        info: Any,
+        request: RetrieveRequest,
+        level: str,
+        matchers: dict[str, Matcher],
+        destination: DestinationConfig | None,
+    ) -> RetrievePlan | None:
+        """Ask the caller's peers to send what the identifier selects; ``None`` if none is
+        configured for the caller. Raises 0x0124 when every peer asked refused."""
+        assert self.federation is not None
+        entries = {e.peer: e for e in self.federation.peers_for(info.calling_ae_title)}
+        if not entries:
+            return None
+        answers = self.federation.retrieve(
+            info.calling_ae_title,
+            request.service,
+            request.model,
+            request.identifier,
+            request.move_destination,
         )
+        expected = sum(a.instances for a in answers if a.outcome == "answered")
+        # nobody answered: refused if a peer's policy refused, else unable to perform
+        unanswered = not any(a.outcome == "answered" for a in answers)
+        refused = unanswered and any(a.outcome == "refused" for a in answers)
+        self._audit(
+            AuditRecord(
+                request.service,
+                "refused" if refused else "failure" if unanswered else "peer-requested",
+                info.calling_ae_title,
+                info.called_ae_title,
+                info.address,
+                status=NOT_AUTHORIZED if refused else UNABLE_TO_PERFORM if unanswered else None,
+                detail={
+                    "association_id": info.association_id,
+                    "destination": request.move_destination,
+                    "keys": audit_keys(request.identifier),
+                    "peers": {a.peer: a.summary() for a in answers},
+                    "expected": expected,
+                },
+            )
+        )
+        if refused:
+            raise QueryRetrieveError(NOT_AUTHORIZED, "refused-by-peers")
+        if unanswered:
+            raise QueryRetrieveError(UNABLE_TO_PERFORM, "peers-unavailable")
+        waiting = [(a.peer, p) for a in answers if a.outcome == "answered" for p in a.packages]
+        timeout = max((entries[a.peer].retrieve_timeout for a in answers), default=0.0)
+
+        plan = RetrievePlan(
+            [],
+            destination,
+            {"peers": sorted(entries), "packages": [p for _peer, p in waiting]},
+            expected=expected,
+        )
+
+        def arrivals(stop: Callable[[], bool]) -> Iterator[list[OutgoingFile]]:
+            for files in self._arrivals(level, matchers, waiting, timeout, stop):
+                studies = {*plan.context.get("studies", []), *(f.study_instance_uid for f in files)}
+                plan.context["studies"] = sorted(studies)
+                yield files
+
+        plan.arrivals = arrivals
+        return plan
+
+    def _arrivals(
+        self,
+        level: str,
+        matchers: dict[str, Matcher],
+        waiting: list[tuple[str, str]],
+        timeout: float,
+        stop: Callable[[], bool],
+    ) -> Iterator[list[OutgoingFile]]:
+        """As each awaited package is ingested here, the newly available files the
+        identifier selects; an empty batch every few seconds while waiting."""
+        pending = set(waiting)
+        sent: set[str] = set()
+        deadline = time.monotonic() + timeout
+        last_yield = time.monotonic()
+        while pending and time.monotonic() < deadline and not stop():
+            with self.db.session() as s:
+                arrived = {
+                    (peer, package_id)
+                    for peer, package_id in pending
+                    if (row := s.get(PeerPackage, package_id)) is not None and row.sender == peer
+                }
+                files = []
+                if arrived:
+                    files = [
+                        f
+                        for f in self._files(s, level, matchers, 100000)
+                        if f.sop_instance_uid not in sent
+                    ]
+            if arrived:
+                pending -= arrived
+                sent.update(f.sop_instance_uid for f in files)
+                last_yield = time.monotonic()
+                yield files
+            elif time.monotonic() - last_yield >= _PROGRESS_SECONDS:
+                last_yield = time.monotonic()
+                yield []
+            else:
+                time.sleep(_POLL_SECONDS)
+        if pending:
+            log.warning("retrieved packages did not arrive", extra={"missing": len(pending)})
 
     def _select(
         self,
@@ -223,17 +352,7 @@ class QRService:
         destination: DestinationConfig | None,
     ) -> list[OutgoingFile]:
         with self.db.session() as s:
-            instances = query.instances_for(s, level=level, matchers=matchers, limit=limit)
-            files = [
-                OutgoingFile(
-                    i.sop_class_uid,
-                    i.sop_instance_uid,
-                    i.transfer_syntax_uid,
-                    self.spool.path_of(i.spool_key),
-                    i.study_instance_uid,
-                )
-                for i in instances
-            ]
+            files = self._files(s, level, matchers, limit)
             studies = sorted({f.study_instance_uid for f in files})
             append(
                 s,
@@ -248,7 +367,7 @@ class QRService:
                         "association_id": info.association_id,
                         "model": request.model,
                         "level": level,
-                        "keys": _audit_keys(request.identifier),
+                        "keys": audit_keys(request.identifier),
                         "destination": request.move_destination,
                         "studies": studies,
                         "instances": len(files),
@@ -258,6 +377,20 @@ class QRService:
                 now=self.clock.now(),
             )
         return files
+
+    def _files(
+        self, s: Any, level: str, matchers: dict[str, Matcher], limit: int
+    ) -> list[OutgoingFile]:
+        return [
+            OutgoingFile(
+                i.sop_class_uid,
+                i.sop_instance_uid,
+                i.transfer_syntax_uid,
+                self.spool.path_of(i.spool_key),
+                i.study_instance_uid,
+            )
+            for i in query.instances_for(s, level=level, matchers=matchers, limit=limit)
+        ]
 
     def _pull_from_upstream(self, request: RetrieveRequest) -> None:
         assert self.upstream is not None
@@ -361,7 +494,7 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _audit_keys(identifier: Dataset) -> dict[str, str]:
+def audit_keys(identifier: Dataset) -> dict[str, str]:
     """The query keys as keywords (tag numbers for private or unknown ones) with values."""
     keys: dict[str, str] = {}
     for elem in identifier:

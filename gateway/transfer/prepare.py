@@ -41,13 +41,20 @@ def resolve_profile(cfg: GatewayConfig, name: str) -> Profile:
 
 
 def check_profiles(cfg: GatewayConfig) -> None:
-    """Fail fast at start-up (and in check-config) on a route naming a bad profile."""
+    """Fail fast at start-up (and in check-config) on a route or a Q/R grant naming a bad
+    profile."""
     for i, route in enumerate(cfg.routes):
         if route.profile:
             try:
                 resolve_profile(cfg, route.profile)
             except ProfileError as exc:
                 raise ConfigError(str(cfg.source), f"routes[{i}].profile", str(exc)) from exc
+    for i, grant in enumerate(cfg.qr.grants):
+        if grant.profile:
+            try:
+                resolve_profile(cfg, grant.profile)
+            except ProfileError as exc:
+                raise ConfigError(str(cfg.source), f"qr.grants[{i}].profile", str(exc)) from exc
 
 
 def project_key(cfg: GatewayConfig) -> ProjectKey:
