@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import struct
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +42,9 @@ from typing import Any
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException
-from pydicom.multival import MultiValue
 
 from gateway.errors import ProfileError
+from gateway.received import UnreadableValue, value_texts
 
 # SOP classes whose pixels are screens, captures or documents (PS3.4 Annex B)
 _AT_RISK_SOP_CLASSES = {
@@ -71,39 +69,11 @@ _DOSE_TEXT = re.compile(r"dose|screen ?save|patient protocol", re.I)
 
 _RULE_KEYS = {"name", "device", "match", "regions", "keep"}
 _OPS = {"equals", "contains", "regex", "one_of", "present"}
-# what decoding a received value may raise (pydicom converts on first access)
-_DECODE_ERRORS = (
-    ValueError,
-    TypeError,
-    KeyError,
-    IndexError,
-    OverflowError,
-    NotImplementedError,
-    AttributeError,
-    struct.error,
-    BytesLengthException,
-    EOFError,
-    OSError,  # a sequence value pydicom cannot walk ("No tag to read")
-    RecursionError,
-)
-
-
-class UnreadableAttribute(ValueError):
-    """A value of the instance does not decode; names the keyword, never the value."""
-
-    def __init__(self, keyword: str) -> None:
-        self.keyword = keyword
-        super().__init__(f"{keyword} does not decode")
 
 
 def _get(ds: Dataset, keyword: str) -> list[str]:
-    """The value of top-level ``keyword`` (None when absent); UnreadableAttribute if it does
-    not decode."""
-    try:
-        elem = ds.get(keyword)
-        return _texts(elem)
-    except _DECODE_ERRORS as exc:
-        raise UnreadableAttribute(keyword) from exc
+    """The values of top-level ``keyword`` stripped; UnreadableValue if it does not decode."""
+    return [v.strip() for v in value_texts(ds, keyword)]
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -132,7 +102,7 @@ def at_risk(ds: Dataset) -> str | None:
                 return f"{modality or 'image'} screen capture (ImageType)"
             if _DOSE_TEXT.search(_text(ds, "SeriesDescription")):
                 return f"{modality or 'image'} dose screen (SeriesDescription)"
-    except UnreadableAttribute as exc:  # fail closed: what cannot be read may be anything
+    except UnreadableValue as exc:  # fail closed: what cannot be read may be anything
         return f"{exc.keyword} unreadable"
     return None
 
@@ -143,7 +113,7 @@ def signature(ds: Dataset) -> str:
     def text(keyword: str) -> str:
         try:
             return _text(ds, keyword)
-        except UnreadableAttribute:
+        except UnreadableValue:
             return "(unreadable)"
 
     sop = text("SOPClassUID")
@@ -174,7 +144,7 @@ class Condition:
     children: tuple[Condition, ...] = ()
 
     def matches(self, ds: Dataset) -> bool:
-        """Whether ``ds`` matches; UnreadableAttribute if a value it reads does not decode."""
+        """Whether ``ds`` matches; UnreadableValue if a value it reads does not decode."""
         if self.op == "all":
             return all(c.matches(ds) for c in self.children)
         if self.op == "any":
@@ -197,17 +167,6 @@ class Condition:
         if self.op == "regex":
             return any(self.value.search(v) for v in (*values, joined))
         raise ValueError(f"unknown condition {self.op}")
-
-
-def _texts(elem: Any) -> list[str]:
-    if elem is None:
-        return []
-    v = getattr(elem, "value", elem)
-    if v is None or v == "":
-        return []
-    if isinstance(v, MultiValue | list | tuple):
-        return [str(x).strip() for x in v]
-    return [str(v).strip()]
 
 
 def _equal(value: str, expected: Any) -> bool:
@@ -313,7 +272,7 @@ class RuleSet:
             try:
                 if rule.match.matches(ds):
                     return rule
-            except UnreadableAttribute:
+            except UnreadableValue:
                 continue
         return None
 

@@ -8,7 +8,6 @@ refused with 0xC000 (Cannot Understand) before anything is stored.
 from __future__ import annotations
 
 import io
-import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -17,13 +16,15 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 
 from gateway.dicom import status as st
 from gateway.errors import IngestError
+from gateway.received import DECODE_ERRORS
 
 _DEFER = 8192
+_UNPARSEABLE: tuple[type[Exception], ...] = (InvalidDicomError, *DECODE_ERRORS)
 
 
 def read_header(
@@ -54,20 +55,7 @@ def read_header(
         raise IngestError(st.CANNOT_UNDERSTAND, "sequence-nesting-too-deep") from exc
     except IngestError:
         raise
-    except (
-        InvalidDicomError,
-        BytesLengthException,  # a value of the wrong length (not a ValueError)
-        EOFError,
-        ValueError,
-        KeyError,
-        TypeError,
-        OverflowError,
-        struct.error,
-        NotImplementedError,
-        AttributeError,
-        IndexError,
-        OSError,
-    ) as exc:
+    except _UNPARSEABLE as exc:
         raise IngestError(st.CANNOT_UNDERSTAND, "dataset-unparseable") from exc
     return ds
 

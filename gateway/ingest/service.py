@@ -22,7 +22,6 @@ from datetime import datetime
 from typing import cast
 
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from sqlalchemy import Connection, Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -40,6 +39,7 @@ from gateway.index.group_commit import GroupCommit
 from gateway.index.models import Instance, RouteCandidate, Series, Study
 from gateway.ingest.parse import read_header
 from gateway.metrics import Metrics
+from gateway.received import UnreadableValue, value_texts
 from gateway.routing.match import matches
 from gateway.spool.store import Spool, SpooledObject
 
@@ -61,15 +61,11 @@ class _Header:
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    """A received value as text for the index ("" when absent or when it does not decode)."""
     try:
-        value = ds.get(keyword, "")
-    except (ValueError, TypeError, KeyError):  # a value pydicom cannot convert
+        return "\\".join(value_texts(ds, keyword))[:limit]
+    except UnreadableValue:
         return ""
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        value = "\\".join(str(v) for v in value)
-    return str(value)[:limit]
 
 
 class IngestService:
@@ -473,14 +469,9 @@ class IngestService:
             if attribute in facts:
                 return facts[attribute]
             try:
-                value = ds.get(attribute)
-            except (ValueError, TypeError, KeyError):
+                return value_texts(ds, attribute)
+            except UnreadableValue:  # matches no condition but ``absent``
                 return []
-            if value is None or value == "":
-                return []
-            if isinstance(value, MultiValue | list):
-                return [str(v) for v in value]
-            return [str(value)]
 
         streamed = False
         candidates: list[dict[str, object]] = []

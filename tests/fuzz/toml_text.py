@@ -30,7 +30,8 @@ def scalar(value: Any) -> str:
     raise TypeError(type(value))
 
 
-def key(name: str) -> str:
+def key(name: Any) -> str:
+    name = str(name)
     bare = name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name)
     return name if bare else json.dumps(name)
 
