@@ -7,7 +7,9 @@ the connection by the tests. Certificates are made per run by the deployment CA 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import socket
 import time
 import xml.etree.ElementTree as ET
@@ -62,7 +64,22 @@ def receiver_for(pki: Pki, *, port: int | None = None, **kwargs: Any) -> SyslogT
     )
 
 
-def export_node(root: Path, pki: Pki, port: int, **export: Any) -> GatewayNode:
+def export_node(
+    root: Path, pki: Pki, port: int, *, node_tls_material: bool = False, **export: Any
+) -> GatewayNode:
+    """A node exporting to 127.0.0.1:``port``. With ``node_tls_material`` its client
+    certificate is not configured: the node's own <state_dir>/keys/tls.crt is placed there."""
+    client: dict[str, str] = {
+        "cert_file": str(pki.node.cert_file),
+        "key_file": str(pki.node.key_file),
+    }
+    if node_tls_material:
+        keys = root / "state" / "keys"
+        keys.mkdir(mode=0o700, parents=True)
+        shutil.copyfile(pki.node.cert_file, keys / "tls.crt")
+        shutil.copyfile(pki.node.key_file, keys / "tls.key")
+        os.chmod(keys / "tls.key", 0o600)
+        client = {}
     return GatewayNode(
         root,
         worker={"enabled": False},
@@ -72,8 +89,7 @@ def export_node(root: Path, pki: Pki, port: int, **export: Any) -> GatewayNode:
                 "host": "127.0.0.1",
                 "port": port,
                 "ca_file": str(pki.ca),
-                "cert_file": str(pki.node.cert_file),
-                "key_file": str(pki.node.key_file),
+                **client,
                 "app_name": "gw-audit-test",
                 "enterprise_site_id": "TEST-SITE",
                 "poll_interval": 0.2,
@@ -153,13 +169,16 @@ def objects(doc: ET.Element, id_type: str) -> list[ET.Element]:
 
 def test_storescu_audit_arrives_as_dicom_audit_messages(tmp_path: Path, pki: Pki) -> None:
     files = make_ct_study(tmp_path / "study", 3, seed=51)
-    with receiver_for(pki) as receiver, export_node(tmp_path / "node", pki, receiver.port) as node:
+    with (
+        receiver_for(pki) as receiver,
+        export_node(tmp_path / "node", pki, receiver.port, node_tls_material=True) as node,
+    ):
         store(node, files)
         wait_all_sent(node, receiver)
         rows = {r["seq"]: r for r in audit_rows(node)}
     messages = by_seq(receiver)
     assert not receiver.bad_frames
-    # the node presented its client certificate (mutual TLS)
+    # the node presented its own TLS certificate (mutual TLS; the receiver requires one)
     assert receiver.client_certificates
     subject = dict(x[0] for x in receiver.client_certificates[0]["subject"])  # type: ignore[index]
     assert subject["commonName"] == "gateway-node"
