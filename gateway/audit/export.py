@@ -203,10 +203,12 @@ class AuditExporter:
                 row.seq = seq
                 row.updated_at = self.clock.now()
 
-    def _head(self) -> int:
+    def _progress(self) -> tuple[int, int]:
+        """(the cursor, the chain's last sequence number), in one short transaction."""
         with self.db.session() as s:
+            row = s.get(AuditExportCursor, self.repository)
             head = s.execute(sql_select(AuditHead.seq).where(AuditHead.id == 1)).scalar()
-            return int(head or 0)
+            return (row.seq if row is not None else 0), int(head or 0)
 
     def _read(self, after: int) -> tuple[list[AuditEntry], dict[str, Patient]]:
         with self.db.session() as s:
@@ -270,8 +272,7 @@ class AuditExporter:
                         connection.close()
                         connection = None
                         raise AuditExportError("send", "the repository closed the connection")
-                    cursor = self.cursor()
-                    head = self._head()
+                    cursor, head = self._progress()
                     self.metrics.audit_export_lag.set(max(0, head - cursor))
                     if connection is None:
                         if head <= cursor:
