@@ -18,11 +18,17 @@ command set; a data set that is not a C-STORE's, such as a C-FIND identifier) ma
 comes is aborted (FAULTS_AND_ATTACKS A7), and a message pynetdicom cannot decode (no command
 field, a garbage command set) is aborted instead of killing pynetdicom's reactor thread and
 dropping the connection without an answer.
+
+:class:`GuardedStateMachine` keeps pynetdicom's reactor thread alive when the peer's PDUs put
+the association in a state where a local primitive arrives too late (an A-RELEASE-RP after
+the peer's garbage made us abort: ``Evt14`` in ``Sta13``); pynetdicom raises there and the
+thread dies with the connection still open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 import socket
 import struct
@@ -31,8 +37,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.fsm import InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
+
+log = logging.getLogger(__name__)
 
 _OTHER_CAP = 65536
 # Before its first PDU a connection has nothing to send, so pynetdicom's 1 ms poll of it may
@@ -187,3 +196,20 @@ class GuardedDIMSE(DIMSEServiceProvider):
             sock.refuse(reason)
         else:  # not ours (an SCU's association): pynetdicom's own answer to a bad PDU
             self.dul.event_queue.put("Evt19")
+
+
+class GuardedStateMachine(StateMachine):
+    """pynetdicom's upper-layer state machine; an event the state has no transition for is
+    dropped instead of raised (the state's own timers still end the association: ARTIM in
+    Sta13), and an action that fails on the peer's bytes aborts through the guarded socket."""
+
+    def do_action(self, event: str) -> None:
+        try:
+            super().do_action(event)
+        except InvalidEventError:
+            log.info("upper-layer event out of order dropped", extra={"event": event})
+        except Exception:  # the peer's bytes: anything an action raises (re-raised if not ours)
+            sock = self.dul.socket
+            if not isinstance(sock, GuardedSocket):
+                raise
+            sock.refuse("invalid-pdu-sequence")

@@ -49,7 +49,7 @@ from gateway.crypto.kek import DataKeyWrapper
 from gateway.dicom import spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
-from gateway.dicom.guard import GuardedDIMSE, GuardedSocket
+from gateway.dicom.guard import GuardedDIMSE, GuardedSocket, GuardedStateMachine
 from gateway.dicom.retrieve import (
     CANCEL,
     IDENTIFIER_MISMATCH,
@@ -370,6 +370,7 @@ class DicomServer:
                 assoc.gateway_certificate_names = self.certificate_names  # type: ignore[attr-defined]
                 assoc.acse = _GatewayACSE(assoc, server_self)
                 assoc.dimse = GuardedDIMSE(assoc)
+                assoc.dul.state_machine = GuardedStateMachine(assoc.dul)
                 with contextlib.suppress(OSError):
                     self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
