@@ -113,6 +113,16 @@ class RetryableError(DeliveryError):
     """The destination may accept later: retry with backoff."""
 
 
+class TLSRefusedError(RetryableError):
+    """The TLS handshake with a destination failed on a certificate (expired, another CA,
+    another name, revoked, a weak key): a security event; retried, since a fixed certificate
+    makes it go through. ``reason`` is OpenSSL's verification message, never peer bytes."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"TLS handshake with the destination failed: {reason}")
+
+
 class PermanentError(DeliveryError):
     """The destination will not accept this as it is: dead letter at once."""
 

@@ -41,6 +41,7 @@ class DicomTLSConfig:
     cert_file: Path | None = None  # None: <state_dir>/keys/tls.crt
     key_file: Path | None = None  # None: <state_dir>/keys/tls.key
     ca_file: Path | None = None
+    crl_file: Path | None = None  # PEM CRL(s) of the CA: revoked client certificates refused
     require_client_cert: bool = True
     allow_tls12: bool = False
     handshake_timeout: float = 10.0
@@ -119,6 +120,7 @@ class DestinationTLSConfig:
     server_name: str = ""  # "": the destination's host
     pin_sha256: str = ""  # hex SHA-256 of the server's SubjectPublicKeyInfo; "": no pin
     allow_tls12: bool = False
+    crl_file: Path | None = None  # PEM CRL(s) of ca_file's CA: a revoked server is refused
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,23 @@ def _base_context(purpose: ssl.Purpose, allow_tls12: bool) -> ssl.SSLContext:
     if allow_tls12:
         ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites are all AEAD and stay as they are
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # key policy, whatever the system's OpenSSL default: security level 2 refuses peer
+    # certificates with RSA/DSA/DH keys under 2048 bits, EC keys under 224 bits and SHA-1
+    # signatures (FAULTS F14, "wrong key type"); TLS 1.3 itself has no DSA
+    ctx.set_ciphers((TLS12_CIPHERS if allow_tls12 else "DEFAULT") + ":@SECLEVEL=2")
     return ctx
+
+
+def _load_crl(ctx: ssl.SSLContext, crl_file: Path | None) -> None:
+    """Check the peer's certificate against the CRL(s) in ``crl_file`` (PEM), issued by the
+    CA it chains to: a listed certificate fails the handshake ("certificate revoked")."""
+    if crl_file is None:
+        return
+    try:
+        ctx.load_verify_locations(cafile=crl_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise CryptoError(f"{crl_file}: cannot load the certificate revocation list") from exc
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def _load_chain(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
@@ -91,6 +107,7 @@ def server_context(
     client_ca_file: Path | None = None,
     require_client_cert: bool = True,
     allow_tls12: bool = False,
+    crl_file: Path | None = None,
 ) -> ssl.SSLContext:
     """A server context; with ``require_client_cert`` clients must present a certificate
     that chains to ``client_ca_file`` (required then), else the handshake fails."""
@@ -104,6 +121,7 @@ def server_context(
         _load_ca(ctx, client_ca_file)
         if not require_client_cert:
             ctx.verify_mode = ssl.CERT_OPTIONAL
+    _load_crl(ctx, crl_file)
     return ctx
 
 
@@ -113,6 +131,7 @@ def client_context(
     cert_file: Path | None = None,
     key_file: Path | None = None,
     allow_tls12: bool = False,
+    crl_file: Path | None = None,
 ) -> ssl.SSLContext:
     """A client context that verifies the server against ``ca_file`` and checks its name.
 
@@ -123,6 +142,7 @@ def client_context(
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = True
     _load_ca(ctx, ca_file)
+    _load_crl(ctx, crl_file)
     if (cert_file is None) != (key_file is None):
         raise CryptoError("client certificate and key must be given together")
     if cert_file is not None and key_file is not None:

@@ -32,7 +32,13 @@ from gateway.crypto.tls import check_pin
 from gateway.dicom.contexts import UNCOMPRESSED
 from gateway.dicom.spool_io import open_plain
 from gateway.dicom.tls import destination_context
-from gateway.errors import IntegrityError, PermanentError, QuarantineError, RetryableError
+from gateway.errors import (
+    IntegrityError,
+    PermanentError,
+    QuarantineError,
+    RetryableError,
+    TLSRefusedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +170,9 @@ class StoreSCU:
                     raise PermanentError(reason)
                 raise RetryableError(reason)
             if not opened and self.tls_args is not None:
+                refused = self._tls_refusal()
+                if refused:
+                    raise TLSRefusedError(refused)
                 raise RetryableError(
                     "destination unreachable (connection refused or timed out) or the TLS "
                     "handshake failed (its certificate not trusted or not for this name, or "
@@ -215,6 +224,27 @@ class StoreSCU:
         else:
             if assoc.is_established:
                 assoc.release()
+
+    def _tls_refusal(self) -> str:
+        """Why the TLS handshake failed, when it was the certificates (pynetdicom logs the
+        error and reports only a failed association): one more handshake with the same
+        context. "" when the destination is simply unreachable or the handshake succeeds."""
+        assert self.tls_args is not None
+        context, server_name = self.tls_args
+        try:
+            with (
+                socket.create_connection(
+                    (self.dest.host, self.dest.port), timeout=self.dest.connect_timeout
+                ) as sock,
+                context.wrap_socket(sock, server_hostname=server_name),
+            ):
+                return ""
+        except ssl.SSLCertVerificationError as exc:
+            return str(exc.verify_message or exc.reason or "certificate verify failed")[:200]
+        except ssl.SSLError as exc:
+            return str(exc.reason or "handshake failure").lower().replace("_", "-")[:200]
+        except OSError:
+            return ""
 
     def _check_pin(self, assoc: Any) -> None:
         pin = self.dest.tls.pin_sha256 if self.dest.tls is not None else ""

@@ -736,6 +736,9 @@ def _handshake_error(exc: BaseException) -> str:
     """A short, bounded reason for the audit log (OpenSSL's reason code, never peer bytes)."""
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        # which check failed (expired, revoked, unknown issuer, key too weak): OpenSSL's text
+        return "certificate-verify-failed: " + str(exc.verify_message)[:120]
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or "ssl-error").lower().replace("_", "-")
     return "connection-closed"

@@ -29,6 +29,7 @@ def listener_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
         client_ca_file=tls.ca_file,
         require_client_cert=tls.require_client_cert,
         allow_tls12=tls.allow_tls12,
+        crl_file=tls.crl_file,
     )
 
 
@@ -42,5 +43,6 @@ def destination_context(dest: DestinationConfig) -> tuple[ssl.SSLContext, str] |
         cert_file=tls.cert_file,
         key_file=tls.key_file,
         allow_tls12=tls.allow_tls12,
+        crl_file=tls.crl_file,
     )
     return context, tls.server_name or dest.host

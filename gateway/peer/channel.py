@@ -86,6 +86,8 @@ def handshake_reason(exc: BaseException) -> str:
     """A short, bounded reason for the audit log (OpenSSL's reason code, never peer bytes)."""
     if isinstance(exc, TimeoutError):
         return "timeout"
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return "certificate-verify-failed: " + str(exc.verify_message)[:120]
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or "ssl-error").lower().replace("_", "-")
     return "connection-closed"

@@ -28,6 +28,7 @@ from gateway.errors import (
     PermanentError,
     QuarantineError,
     RetryableError,
+    TLSRefusedError,
 )
 from gateway.index import deliveries
 from gateway.index.db import Database
@@ -147,6 +148,7 @@ class Worker:
         item_ids: list[int] = []
         event: Event
         reason = ""
+        refused = ""  # a destination's certificate refused at the TLS handshake (F14)
         progress = _Progress([], time.monotonic())
         try:
             if destination is None:
@@ -181,6 +183,8 @@ class Worker:
             event = Event.DELIVERED
         except QuarantineError as exc:
             event, reason = Event.QUARANTINE, str(exc)
+        except TLSRefusedError as exc:  # retried: a fixed certificate lets it go
+            event, reason, refused = Event.RETRYABLE_FAILURE, str(exc), exc.reason
         except RetryableError as exc:
             event, reason = Event.RETRYABLE_FAILURE, str(exc)
         except PermanentError as exc:
@@ -199,6 +203,7 @@ class Worker:
                 started,
                 study_uid,
                 prepared=self.pipeline.summary(delivery_id),
+                tls_refused=refused,
             )
         finally:
             self.pipeline.release(delivery_id)
@@ -225,6 +230,7 @@ class Worker:
         study_uid: str,
         *,
         prepared: dict[str, object] | None = None,
+        tls_refused: str = "",
     ) -> None:
         now = self.clock.now()
         with self.db.session() as s:
@@ -304,6 +310,23 @@ class Worker:
                 node=self.cfg.node.name,
                 now=now,
             )
+            if tls_refused:  # a security event of its own, beside the attempt
+                append(
+                    s,
+                    AuditRecord(
+                        "security",
+                        "failure",
+                        delivery_id=delivery_id,
+                        detail={
+                            "reason": "tls-destination-refused",
+                            "destination": delivery.destination,
+                            "error": tls_refused,
+                        },
+                    ),
+                    node=self.cfg.node.name,
+                    now=now,
+                )
+                self.metrics.security_events.labels("tls-destination-refused").inc()
             self.metrics.delivery_attempts.labels(delivery.destination, event.value).inc()
         level = logging.INFO if outcome in ("success", "warning") else logging.WARNING
         log.log(
