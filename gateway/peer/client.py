@@ -358,7 +358,7 @@ class PeerDestination:
                 now=now,
             )
             delivery = s.get(Delivery, package.delivery_id)
-            if delivery is not None and delivery.route_name.startswith("qr-"):
+            if delivery is not None and delivery.route_name.startswith("qr:"):
                 # a federated retrieve: each instance is a sub-operation of the peer's request
                 for f in files:
                     append(
@@ -371,7 +371,7 @@ class PeerDestination:
                             study_instance_uid=delivery.study_instance_uid,
                             delivery_id=package.delivery_id,
                             detail={
-                                "service": delivery.route_name.removeprefix("qr-"),
+                                "service": delivery.route_name.removeprefix("qr:"),
                                 "peer": self.peer.name,
                                 "package_id": receipt.package_id,
                                 "outcome": "completed",

@@ -13,10 +13,10 @@ for the pair, the request is refused (``QueryRetrieveError`` 0x0124) and audited
   de-identified values, so a key on an identifying attribute finds nothing by its original
   value. The answers are what the profile leaves.
 * **retrieve**: the same matching selects studies, series or instances; each series becomes
-  one delivery to the peer (route ``qr-c-move`` or ``qr-c-get``, the grant's profile), which
-  the worker sends as a sealed package (de-identified by :class:`~gateway.transfer.prepare.
-  DeidStep`); the answer lists the package ids (= delivery ids) and the instance count, and
-  the requester waits for them to arrive.
+  one delivery to the peer (route ``qr:c-move`` or ``qr:c-get``, a name no configured route
+  can have; the grant's profile), which the worker sends as a sealed package (de-identified
+  by :class:`~gateway.transfer.prepare.DeidStep`); the answer lists the package ids (=
+  delivery ids) and the instance count, and the requester waits for them to arrive.
 
 The request's audit row is written in the transaction that reads the matches (find) or
 creates the deliveries (retrieve).
@@ -172,7 +172,7 @@ class PeerQueryResponder:
                 d = deliveries.create(
                     s,
                     study_instance_uid=study_uid,
-                    route_name=f"qr-{service}",
+                    route_name=f"qr:{service}",
                     destination=peer_destination(peer),
                     profile=profile,
                     instance_ids=ids,
