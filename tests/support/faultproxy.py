@@ -11,6 +11,12 @@ the upstream direction (client -> server) unless noted, and can change between c
 * ``truncate``   forward ``after`` bytes, then close both sides (FIN)
 * ``reset``      forward ``after`` bytes, then reset the client (SO_LINGER 0, RST)
 * ``corrupt``    flip one bit of the byte at offset ``after``
+
+Independently of the mode, :meth:`FaultProxy.hold_next_response` arms a one-shot hold: the
+next chunk the server sends after the first one of its connection (so after A-ASSOCIATE-AC:
+a C-STORE-RSP) is never relayed, nor anything after it on that connection, and ``held`` is
+set. The server has answered; the client never learns it (F4: a crash between the
+destination's answer and its record).
 """
 
 from __future__ import annotations
@@ -42,14 +48,25 @@ class FaultProxy:
     port: int = field(default_factory=free_port)
     fault: Fault = field(default_factory=Fault)
     connections_seen: int = 0
+    held: threading.Event = field(default_factory=threading.Event)
+    upstream_bytes: int = 0  # relayed client -> server, all connections
 
     def __post_init__(self) -> None:
+        self._hold_armed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.base_events.Server | None = None
 
     def set(self, fault: Fault) -> None:
         self.fault = fault
+
+    def hold_next_response(self) -> None:
+        """Arm a one-shot hold of the next server response (see the module docstring)."""
+        self.held.clear()
+        self._hold_armed = True
+
+    def disarm(self) -> None:
+        self._hold_armed = False
 
     def start(self) -> Self:
         self._thread.start()
@@ -104,9 +121,15 @@ class FaultProxy:
         client: asyncio.StreamWriter,
     ) -> None:
         sent = 0
+        holding = False
         try:
             while chunk := await src.read(65536):
                 if upstream and fault.mode == "blackhole":
+                    continue
+                if not upstream and (holding or (self._hold_armed and sent > 0)):
+                    if not holding:  # this connection swallows the answer and all after it
+                        holding, self._hold_armed = True, False
+                        self.held.set()
                     continue
                 if fault.mode == "throttle" and fault.rate > 0:
                     await asyncio.sleep(len(chunk) / fault.rate)
@@ -135,6 +158,8 @@ class FaultProxy:
                 dst.write(chunk)
                 await dst.drain()
                 sent += len(chunk)
+                if upstream:
+                    self.upstream_bytes += len(chunk)
         finally:
             with contextlib.suppress(Exception):
                 dst.close()
