@@ -19,7 +19,7 @@ from types import FrameType
 from typing import Any
 
 from bench import report
-from bench.scenarios import REGISTRY, Settings, by_key
+from bench.scenarios import REGISTRY, SCALE_FACTORS, Settings, by_key
 from bench.systems import ORTHANC_SETTINGS, PEER_MAX_PDU
 from tests.support.peers import dcmtk_path, in_private_netns, orthanc_path
 
@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="quiet period of the node's study route in the e2e scenario (default 1)",
+    )
+    p.add_argument(
+        "--scale-factors",
+        type=lambda v: tuple(int(x) for x in _csv(v)),
+        default=SCALE_FACTORS,
+        help="CT set sizes of the scale scenario, as multiples of --scale (default 1,4,16)",
     )
     p.add_argument(
         "--out", type=Path, default=BENCH_DIR / "results", help="results folder (bench/results)"
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         datasets=args.datasets,
         concurrency=args.concurrency,
         quiet_seconds=args.quiet_seconds,
+        scale_factors=args.scale_factors,
         log=log,
     )
     doc: dict[str, Any] = {

@@ -17,6 +17,7 @@ import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -75,8 +76,13 @@ def cine(frames: int, rows: int, columns: int, rgb: bool) -> bytes:
     return buf.getvalue()
 
 
-def main() -> None:
-    frames = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+SHAPES = ((480, 640), (768, 1024))
+
+
+def measure(frames: int, *, repeat: int = 1, log: Any = None) -> list[dict[str, Any]]:
+    """frames/s of masking and of masking + OCR for every frame shape and kind, ``repeat``
+    times each (one row per shape, kind and repetition)."""
+    out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "rules").mkdir()
@@ -91,20 +97,51 @@ def main() -> None:
             )
             profiles[mode] = parse_profile(text, path=str(root / "bench.toml"))
         engine = OcrEngine()
-        print(f"{'frame':>10} {'kind':>5} {'masking f/s':>12} {'masking+OCR f/s':>16}")
-        for rows, columns in ((480, 640), (768, 1024)):
+        for rows, columns in SHAPES:
             for rgb in (True, False):
                 data = cine(frames, rows, columns, rgb)
-                rates = []
                 for mode in ("off", "verify"):
                     deidentify_bytes(data, profiles[mode], key, ocr=engine)  # warm
-                    n = 5 if mode == "off" else 1
-                    t = time.perf_counter()
-                    for _ in range(n):
-                        deidentify_bytes(data, profiles[mode], key, ocr=engine)
-                    rates.append(n * frames / (time.perf_counter() - t))
-                kind = "RGB" if rgb else "mono"
-                print(f"{columns}x{rows:<5} {kind:>5} {rates[0]:>12.1f} {rates[1]:>16.2f}")
+                for rep in range(repeat):
+                    rates = []
+                    for mode in ("off", "verify"):
+                        n = 3 if mode == "off" else 1
+                        t = time.perf_counter()
+                        c = time.process_time()
+                        for _ in range(n):
+                            deidentify_bytes(data, profiles[mode], key, ocr=engine)
+                        rates.append(
+                            (
+                                n * frames / (time.perf_counter() - t),
+                                1000 * (time.process_time() - c) / (n * frames),
+                            )
+                        )
+                    row = {
+                        "frame": f"{columns}x{rows}",
+                        "kind": "RGB" if rgb else "mono",
+                        "frames": frames,
+                        "masking_frames_per_s": rates[0][0],
+                        "masking_cpu_ms_per_frame": rates[0][1],
+                        "masking_ocr_frames_per_s": rates[1][0],
+                        "masking_ocr_cpu_ms_per_frame": rates[1][1],
+                    }
+                    if log is not None:
+                        log(
+                            f"pixels {row['frame']:>9} {row['kind']:>4} rep {rep + 1}: "
+                            f"{rates[0][0]:8.1f} f/s masking, {rates[1][0]:6.2f} f/s with OCR"
+                        )
+                    out.append(row)
+    return out
+
+
+def main() -> None:
+    frames = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    print(f"{'frame':>10} {'kind':>5} {'masking f/s':>12} {'masking+OCR f/s':>16}")
+    for row in measure(frames):
+        print(
+            f"{row['frame']:>10} {row['kind']:>5} {row['masking_frames_per_s']:>12.1f} "
+            f"{row['masking_ocr_frames_per_s']:>16.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -183,6 +183,55 @@ def _sealed_md(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _pixels_md(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Method: {result['method']}; {result['frames']} frames per cine. No peer cleans "
+        "burned-in pixels with an OCR check, so no ratio.",
+        "",
+        "| frame | kind | masking frames/s | CPU ms/frame | masking + OCR frames/s | "
+        "CPU ms/frame |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        s = row["summary"]
+        lines.append(
+            f"| {row['frame']} | {row['kind']} | {_cell(s, 'masking_frames_per_s')} | "
+            f"{_cell(s, 'masking_cpu_ms_per_frame', 2)} | "
+            f"{_cell(s, 'masking_ocr_frames_per_s', 2)} | "
+            f"{_cell(s, 'masking_ocr_cpu_ms_per_frame', 1)} |"
+        )
+    return lines
+
+
+def _scale_md(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Sender: {result['sender']}; the node with its defaults (as in ingest).",
+        "",
+        "| factor | CT instances | inst/s | ms/inst | peak RSS MiB | CPU ms/inst | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(
+                f"| {row['factor']}x | {row['instances']} | FAILED: {row['error']} | | | | |"
+            )
+            continue
+        s = row["summary"]
+        lines.append(
+            f"| {row['factor']}x | {row['instances']} | {_cell(s, 'instances_per_s')} | "
+            f"{_cell(s, 'ms_per_instance', 2)} | {_cell(s, 'peak_rss_mib')} | "
+            f"{_cell(s, 'cpu_ms_per_instance', 2)} | {_cell(s, 'load_1min')} |"
+        )
+    lines += ["", f"Growth, {result['growth_meaning']}:", "", "| factor | ratio | linear |"]
+    lines.append("|---:|---:|---|")
+    for g in result["growth"]:
+        lines.append(
+            f"| {g['factor']}x | {_ratio(g['ms_per_instance_vs_first'])} | "
+            f"{'yes' if g['linear'] else 'no'} |"
+        )
+    return lines
+
+
 PEER_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 """The node is always red; peers never are."""
 
@@ -191,6 +240,8 @@ RENDERERS = {
     "e2e": _e2e_md,
     "deid": _deid_md,
     "sealed-transfer": _sealed_md,
+    "pixels": _pixels_md,
+    "scale": _scale_md,
 }
 
 
@@ -372,6 +423,37 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "deid_throughput.png", dpi=110)
         plt.close(fig)
         written.append("deid_throughput.png")
+    scale = doc["scenarios"].get("scale", {}).get("result")
+    scale_rows = [r for r in (scale or {}).get("rows", []) if "summary" in r]
+    if scale_rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        xs = [r["instances"] for r in scale_rows]
+        ax.plot(
+            xs,
+            [r["summary"]["ms_per_instance"]["median"] for r in scale_rows],
+            "o-",
+            color="tab:red",
+            label="ms per instance",
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("CT instances ingested (one association)")
+        ax.set_ylabel("ms per instance (flat is linear)")
+        ax.set_ylim(bottom=0)
+        ax2 = ax.twinx()
+        ax2.plot(
+            xs,
+            [r["summary"]["peak_rss_mib"]["median"] for r in scale_rows],
+            "s--",
+            color="tab:gray",
+            label="peak RSS MiB",
+        )
+        ax2.set_ylabel("peak RSS, MiB")
+        ax2.set_ylim(bottom=0)
+        ax.set_title("Scale: the node's ingest cost per instance and memory")
+        fig.tight_layout()
+        fig.savefig(out / "scale.png", dpi=110)
+        plt.close(fig)
+        written.append("scale.png")
     sealed = doc["scenarios"].get("sealed-transfer", {}).get("result")
     if sealed and any("error" not in row for row in sealed["rows"]):
         bars: list[tuple[str, dict[str, float], str]] = []

@@ -39,6 +39,7 @@ from tests.support.node import GatewayNode
 from tests.support.peers import LOOPBACK, free_port
 
 MIB = 1024 * 1024
+SCALE_FACTORS = (1, 4, 16)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Settings:
     datasets: tuple[str, ...] = ("ct", "small", "multiframe")
     concurrency: tuple[int, ...] = (1, 4)
     quiet_seconds: float = 1.0
+    scale_factors: tuple[int, ...] = SCALE_FACTORS
     worker_interval: float = 0.1
     timeout: float = 900.0
     log: Callable[[str], None] = print
@@ -854,6 +856,89 @@ def run_sealed_transfer(settings: Settings) -> dict[str, Any]:
 # --------------------------------------------------------------------------- registry
 
 
+# --------------------------------------------------------------------------- 4. pixels
+
+PIXEL_FRAMES = 10
+"""Frames per cine at ``--scale 1`` (scaled down, at least 2)."""
+
+
+def run_pixels(settings: Settings) -> dict[str, Any]:
+    """Clean Pixel Data: frames/s of masking and of masking + OCR, in this process (one
+    core: numpy and tesseract run single-threaded here), bench.pixels_throughput's cines."""
+    from bench import pixels_throughput
+
+    frames = max(2, round(PIXEL_FRAMES * min(1.0, settings.scale * 4)))
+    runs = pixels_throughput.measure(frames, repeat=settings.repeat, log=settings.log)
+    rows = []
+    for frame, kind in sorted({(r["frame"], r["kind"]) for r in runs}):
+        mine = [
+            {k: v for k, v in r.items() if k not in ("frame", "kind")}
+            for r in runs
+            if (r["frame"], r["kind"]) == (frame, kind)
+        ]
+        rows.append({"frame": frame, "kind": kind, **_outcome(mine, None)})
+    return {
+        "frames": frames,
+        "method": "gateway.deid.deidentify_bytes with a Clean Pixel Data profile (one rule "
+        'band), ocr = "off" (masking: decode, blank, re-encode) and ocr = "verify" (masking '
+        "and the OCR check of every frame, one tesseract); 8-bit uncompressed cines of real "
+        "ultrasound frames (bench/pixels_throughput.py)",
+        "rows": rows,
+    }
+
+
+# --------------------------------------------------------------------------- 6. scale
+
+
+def run_scale(settings: Settings) -> dict[str, Any]:
+    """The node's ingest of the CT set at 1x, 4x and 16x (of ``--scale``): throughput, peak
+    RSS and the seconds per instance against the 1x run (linear: within 10 %)."""
+    rows: list[dict[str, Any]] = []
+    for factor in settings.scale_factors:
+        ds = data.ensure("ct", settings.scale * factor, settings.work / "data")
+        runs: list[dict[str, float]] = []
+        error: str | None = None
+        for rep in range(settings.repeat):
+            try:
+                result = _ingest_once(settings, "node", ds, 1, f"scale-{factor}-{rep}")
+            except MEASUREMENT_ERRORS as exc:
+                error = brief(exc)
+                settings.failures.append(f"scale {factor}x node: {error}")
+                settings.log(f"scale {factor:3d}x node FAILED: {exc}")
+                break
+            result["ms_per_instance"] = 1000 * result["seconds"] / ds.instances
+            settings.log(
+                f"scale {factor:3d}x ({ds.instances} CT) rep {rep + 1}: "
+                f"{result['instances_per_s']:7.1f} inst/s {result['peak_rss_mib']:6.1f} MiB "
+                f"{result['ms_per_instance']:6.2f} ms/inst"
+            )
+            runs.append(result)
+        rows.append({"factor": factor, "instances": ds.instances, **_outcome(runs, error)})
+    base = next((r for r in rows if "summary" in r), None)
+    growth = []
+    for row in rows:
+        if base is None or "summary" not in row:
+            continue
+        ratio = _ratio(
+            row["summary"]["ms_per_instance"]["median"],
+            base["summary"]["ms_per_instance"]["median"],
+        )
+        growth.append(
+            {
+                "factor": row["factor"],
+                "ms_per_instance_vs_first": ratio,
+                "linear": ratio is not None and ratio <= 1.10,
+            }
+        )
+    return {
+        "sender": "DCMTK storescu (TCP_NODELAY=1), one association",
+        "rows": rows,
+        "growth": growth,
+        "growth_meaning": "median ms per instance at this factor / at the smallest factor "
+        "(target: <= 1.10 at 16x)",
+    }
+
+
 @dataclass(frozen=True)
 class Scenario:
     key: str
@@ -880,24 +965,13 @@ REGISTRY: tuple[Scenario, ...] = (
         "not built into the harness yet (needs the node's peer destinations)",
     ),
     Scenario("deid", "3. De-identification: `basic` vs dicognito and pydicom/deid", run_deid),
-    Scenario(
-        "pixels",
-        "4. Pixels: frames/s cleaning, cleaning + OCR check",
-        None,
-        "not built into the harness yet",
-    ),
+    Scenario("pixels", "4. Pixels: frames/s cleaning, cleaning + OCR check", run_pixels),
     Scenario(
         "sealed-transfer",
         "5. Sealed transfer: node to node vs plain C-STORE and raw AES-256-GCM",
         run_sealed_transfer,
     ),
-    Scenario(
-        "scale",
-        "6. Scale: ingest at 1x, 4x and 16x the CT set",
-        None,
-        "not built into the harness yet (meanwhile `bench/run --scenarios ingest "
-        "--systems node --datasets ct --scale 4` gives one point)",
-    ),
+    Scenario("scale", "6. Scale: ingest at 1x, 4x and 16x the CT set", run_scale),
 )
 
 
