@@ -144,7 +144,7 @@ def mutate(bases: list[dict[str, Any]], extra_keys: list[str]) -> st.SearchStrat
                     parent[path[-1]] = draw(values)
                 elif isinstance(parent, dict):
                     parent[draw(st.sampled_from(extra_keys))] = draw(values)
-                else:
+                elif isinstance(parent, list):
                     parent.append(draw(values))
             except (KeyError, IndexError, TypeError):
                 continue  # an earlier mutation replaced what this path went through
