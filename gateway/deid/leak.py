@@ -344,8 +344,25 @@ def _elements(ds: Dataset) -> Iterator[Any]:
                 yield DataElement(tag, "UN", bytes(raw.value or b""))
 
 
+def _searched(ds: Dataset) -> Iterator[Any]:
+    """The output's elements that are searched, converted from their bytes only then:
+    pixel data and binary numbers are never searched, so never converted (an element read
+    in implicit VR has no VR before conversion: it is converted, then checked)."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if int(tag) in _PIXEL_TAGS or (raw is not None and raw.VR in _NUMERIC_VRS):
+            continue
+        try:
+            yield ds[tag]
+        except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes
+            if raw is not None:
+                from pydicom.dataelem import DataElement
+
+                yield DataElement(tag, "UN", bytes(raw.value or b""))
+
+
 def _output_texts(ds: Dataset, prefix: str, out: list[tuple[str, str, str]]) -> None:
-    for elem in _elements(ds):
+    for elem in _searched(ds):
         tag = int(elem.tag)
         vr = elem.VR
         if tag in _PIXEL_TAGS or vr in _NUMERIC_VRS:
