@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE not recognized
 REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit
+REJECT_STOPPING = (0x02, 0x03, 0x01)  # transient, service-provider, temporary congestion
 
 # PS3.4 C.6.1 / C.6.2: Query/Retrieve SOP classes -> (information model, service)
 QR_SOP_CLASSES = {
@@ -260,13 +261,17 @@ class _GatewayACSE(ACSE):
             if a.is_acceptor and a.is_established and a is not self.assoc
         ]
         same = [a for a in peers if str(a.requestor.address) == address]
-        verdict = self._server.admission.check(
-            called=called,
-            calling=calling,
-            address=address,
-            established_total=len(peers),
-            established_from_address=len(same),
-            certificate_names=getattr(self.assoc, "gateway_certificate_names", None),
+        verdict = (
+            (REJECT_STOPPING, "node-stopping")
+            if self._server.stopping
+            else self._server.admission.check(
+                called=called,
+                calling=calling,
+                address=address,
+                established_total=len(peers),
+                established_from_address=len(same),
+                certificate_names=getattr(self.assoc, "gateway_certificate_names", None),
+            )
         )
         if verdict is not None:
             rsd, reason = verdict
@@ -318,6 +323,7 @@ class DicomServer:
         self._servers: list[ThreadedAssociationServer] = []
         self._tls_server: ThreadedAssociationServer | None = None
         self._handshaking = 0  # TLS connections not yet through their handshake
+        self.stopping = False  # set by stop(): new associations are refused, transient
         self._handshaking_lock = threading.Lock()
         configure_pynetdicom(incoming_dir, spool=spool)
         ae = AE(ae_title=cfg.ae_title)
@@ -492,17 +498,21 @@ class DicomServer:
                 self._handshaking -= 1
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting, let associations in progress finish for ``grace`` s, then abort."""
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-        self._servers = []
-        self._tls_server = None
+        """Graceful stop (FAULTS F17): new associations are refused with A-ASSOCIATE-RJ
+        transient (2, 3, 1) while the associations in progress get ``grace`` s to finish;
+        then the listeners close and whatever is left is aborted. Nothing is answered
+        0x0000 that is not durable, so an aborted association loses nothing acknowledged."""
+        self.stopping = True
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(
             a.is_acceptor and a.is_alive() and a.is_established for a in self.ae.active_associations
         ):
             time.sleep(0.05)
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
+        self._tls_server = None
         self.ae.shutdown()
 
     # --- event handlers (run on association threads) -----------------------------------
