@@ -7,7 +7,10 @@ the requestor's own association for C-GET (only on presentation contexts where t
 requestor accepted the Storage SCP role, PS3.7 D.3.3.4). It answers a pending response
 after each sub-operation with the remaining, completed, failed and warning counts, honours
 C-CANCEL between sub-operations, and ends with 0x0000, 0xB000 (some failed or warned, with
-the Failed SOP Instance UID List), 0xA702 (all failed) or 0xFE00 (cancelled).
+the Failed SOP Instance UID List), 0xA702 (all failed) or 0xFE00 (cancelled). A plan may
+announce instances still to come (a federated retrieve): they are sent as they arrive, with a
+pending response while waiting; those that never arrive count as failed. C-MOVE
+sub-operations name the Move Originator AE Title and Message ID (PS3.7 9.3.1.1).
 
 What to send, to whom, and the audit of each step come from a
 :class:`QueryRetrieveListener` (implemented by :mod:`gateway.qr.service`).

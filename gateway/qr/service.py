@@ -6,6 +6,12 @@ merged and de-duplicated by the level's unique key (the index's row wins). A C-M
 sends the newest version of each selected instance from the spool; what only the upstream
 holds is first moved from it to this node (received by the C-STORE SCP as any study).
 
+With ``[[qr.federation]]`` (:mod:`gateway.qr.federation`) the caller's peers are asked too:
+their C-FIND answers are merged after the index's, de-duplicated the same way; a C-MOVE/C-GET
+of what the index lacks asks them to send it as sealed packages, and the plan's ``arrivals``
+yield the instances as each package is ingested here (the answering side is
+:mod:`gateway.qr.responder`, its policy :mod:`gateway.qr.policy`).
+
 Audit (event types ``c-find``, ``c-move``, ``c-get``, ``sub-operation``): the requesting AE,
 node, level and query keys as keywords with their values (audit data, never logged); the
 C-FIND record is written in the transaction that reads the matches, the C-MOVE/C-GET record
