@@ -395,7 +395,7 @@ def run_chaos(
     secret.write_text(os.urandom(32).hex() + "\n")
     secret.chmod(0o600)
     deid = start_expected_outputs(study, secret, tmp_path / "expected")
-    print(f"\nchaos: {instances} instances, >= {kills} kills, seed {seed}")
+    print(f"\nchaos: {instances} instances, >= {kills} kills, seed {seed}", flush=True)
 
     proxy = FaultProxy(orthanc.dicom_port).start()
     node = GatewayNode(
@@ -456,7 +456,8 @@ def run_chaos(
                 f"  kill {n + 1:3d}: aim {aim:28s} hit {r.point:28s} after {r.seconds:5.2f}s"
                 f" (start {r.start_seconds:4.1f}s)"
                 f"  acked {len(sender.acked)}/{instances}  at Orthanc "
-                f"{orthanc.count_instances()}  {r.detail}"
+                f"{orthanc.count_instances()}  {r.detail}",
+                flush=True,
             )
         chaos_done = time.monotonic()
 
