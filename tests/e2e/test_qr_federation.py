@@ -224,7 +224,7 @@ def test_find_at_b_answers_from_a_deidentified_within_the_peer_timeout(
     assert sorted(values(blocks, "(0020,1208)")) == ["2", "3"]
     assert set(values(blocks, "(0008,0050)")) == {""}  # accession removed by the profile
     # node-c never answers: B's answer waits for it no longer than its timeout
-    assert SILENT_TIMEOUT - 0.5 < took < SILENT_TIMEOUT + 4, took
+    assert SILENT_TIMEOUT - 0.5 < took < SILENT_TIMEOUT + 6, took
     # matching at A is on what the requester would receive: the original name finds nothing
     blocks, out, _ = find_at(b, "WS", "QueryRetrieveLevel=STUDY", "PatientName=Nakamura*")
     assert blocks == [], out
