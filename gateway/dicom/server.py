@@ -294,6 +294,11 @@ class _GatewayACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+# A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 3, length 4, result 2 (transient), source 3
+# (service provider, presentation related), reason 2 (local limit exceeded)
+_REJECT_LOCAL_LIMIT = bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 0x02])
+
+
 class DicomServer:
     """Runs the SCP; :meth:`start` returns once it listens, :meth:`stop` shuts it down."""
 
@@ -350,6 +355,19 @@ class DicomServer:
             return None
         return int(self._tls_server.server_address[1])
 
+    def _out_of_resources(self, request: Any, client_address: Any, exc: BaseException) -> None:
+        """A connection the node has no thread (memory) for: A-ASSOCIATE-RJ transient, local
+        limit exceeded (2/3/2), before its request is read; counted, never fatal."""
+        log.warning(
+            "no thread for a new association; rejected (transient)",
+            extra={"error": type(exc).__name__},
+        )
+        self._on_security_event("out-of-resources")
+        with contextlib.suppress(OSError):
+            request.sendall(_REJECT_LOCAL_LIMIT)
+        with contextlib.suppress(OSError):
+            request.close()
+
     def start(self) -> None:
         server_self = self
 
@@ -364,7 +382,10 @@ class DicomServer:
                         return
                     self.request = tls
                     self.certificate_names = certificate_names(tls.getpeercert())
-                super().handle()
+                try:
+                    super().handle()
+                except RuntimeError as exc:  # no thread for the association (F18: memory)
+                    server_self._out_of_resources(self.request, self.client_address, exc)
 
             def _create_association(self) -> Any:
                 # pynetdicom's RequestHandler._create_association, with our socket and ACSE
@@ -426,7 +447,13 @@ class DicomServer:
                 if self.gateway_tls_context is not None:
                     with server_self._handshaking_lock:
                         server_self._handshaking += 1  # until _handshake ends
-                super().process_request(request, client_address)
+                try:
+                    super().process_request(request, client_address)
+                except RuntimeError as exc:  # no thread for the connection (F18: memory)
+                    if self.gateway_tls_context is not None:
+                        with server_self._handshaking_lock:
+                            server_self._handshaking -= 1
+                    server_self._out_of_resources(request, client_address, exc)
 
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._echo),
