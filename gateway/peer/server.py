@@ -15,6 +15,8 @@ Wire protocol (JSON answers; ``{"error": CODE, "detail": TEXT}`` on refusal)::
     POST /peer/v1/qr/retrieve                  body: the same and "service", "destination"
          -> {"packages": [id, ...], "instances": n}   sent to the asker as sealed packages
          -> 403 {"error": "peer-caller-not-granted"}  the policy refuses (``[[qr.grants]]``)
+    POST /peer/v1/qr/packages                  body: {"packages": [id, ...]}
+         -> {"states": {id: delivery state}}   the asker's retrieve packages only
 
 The client is identified by its certificate (the trust anchors are exactly the peers'
 certificates, see ``channel.py``), and a manifest must be signed by that peer, name it as
@@ -481,6 +483,10 @@ class QueryResponder(Protocol):
 
     def retrieve(self, peer: str, address: str, body: Mapping[str, Any]) -> dict[str, Any]: ...
 
+    def package_states(
+        self, peer: str, address: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]: ...
+
 
 class PeerServer:
     """Runs the endpoint on its own thread and event loop inside the serve process."""
@@ -546,6 +552,7 @@ class PeerServer:
         if self.qr_responder is not None:
             app.router.add_post("/peer/v1/qr/find", self._qr_find)
             app.router.add_post("/peer/v1/qr/retrieve", self._qr_retrieve)
+            app.router.add_post("/peer/v1/qr/packages", self._qr_packages)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         factory = self._runner.server
@@ -674,7 +681,11 @@ class PeerServer:
             if not isinstance(body, dict):
                 raise Refusal(400, "bad-request", "a JSON object", security=False)
             loop = asyncio.get_running_loop()
-            method = responder.find if action == "find" else responder.retrieve
+            method = {
+                "find": responder.find,
+                "retrieve": responder.retrieve,
+                "packages": responder.package_states,
+            }[action]
             return await loop.run_in_executor(None, method, peer.name, address, body)
 
         return await self._guarded(request, work)
@@ -684,6 +695,9 @@ class PeerServer:
 
     async def _qr_retrieve(self, request: web.Request) -> web.Response:
         return await self._qr(request, "retrieve")
+
+    async def _qr_packages(self, request: web.Request) -> web.Response:
+        return await self._qr(request, "packages")
 
     async def _commit(self, request: web.Request) -> web.Response:
         package_id = request.match_info["package_id"]

@@ -44,6 +44,7 @@ class PeerAnswer:
     rows: list[dict[str, str]] = field(default_factory=list)
     packages: list[str] = field(default_factory=list)
     instances: int = 0
+    states: dict[str, str] = field(default_factory=dict)  # package id -> delivery state
     reason: str = ""
 
     def summary(self) -> dict[str, Any]:
@@ -97,8 +98,20 @@ class FederationClient:
         }
         return self._ask(self.peers_for(caller), "retrieve", body)
 
+    def package_states(self, peer: str, package_ids: Sequence[str]) -> dict[str, str]:
+        """The delivery state at ``peer`` of retrieve packages it accepted ({} if it does not
+        answer)."""
+        entries = [e for e in self.entries if e.peer == peer]
+        answers = self._ask(entries, "packages", {"packages": list(package_ids)}, count=False)
+        return answers[0].states if answers and answers[0].outcome == "answered" else {}
+
     def _ask(
-        self, entries: Sequence[FederationPeerConfig], action: str, body: dict[str, Any]
+        self,
+        entries: Sequence[FederationPeerConfig],
+        action: str,
+        body: dict[str, Any],
+        *,
+        count: bool = True,
     ) -> list[PeerAnswer]:
         if not entries:
             return []
@@ -114,7 +127,7 @@ class FederationClient:
                     "peer did not answer a federated request",
                     extra={"peer": a.peer, "outcome": a.outcome, "action": action},
                 )
-            if self.on_outcome is not None:
+            if self.on_outcome is not None and count:
                 self.on_outcome(a.peer, a.outcome)
         return answers
 
@@ -155,6 +168,7 @@ def _answer(peer: str, answer: Mapping[str, Any]) -> PeerAnswer:
     rows = answer.get("matches", [])
     packages = answer.get("packages", [])
     instances = answer.get("instances", 0)
+    states = answer.get("states", {})
     if (
         not isinstance(rows, list)
         or not all(
@@ -163,9 +177,13 @@ def _answer(peer: str, answer: Mapping[str, Any]) -> PeerAnswer:
         or not isinstance(packages, list)
         or not all(isinstance(p, str) for p in packages)
         or not isinstance(instances, int)
+        or not isinstance(states, dict)
+        or not all(isinstance(v, str) for v in states.values())
     ):
         return PeerAnswer(peer, "error", reason="malformed-answer")
-    return PeerAnswer(peer, "answered", rows=rows, packages=packages, instances=instances)
+    return PeerAnswer(
+        peer, "answered", rows=rows, packages=packages, instances=instances, states=states
+    )
 
 
 __all__ = ["FederationClient", "PeerAnswer"]

@@ -44,7 +44,7 @@ from gateway.dicom.retrieve import IDENTIFIER_MISMATCH, NOT_AUTHORIZED
 from gateway.errors import DeidError, ProfileError, QueryRetrieveError
 from gateway.index import deliveries
 from gateway.index.db import Database
-from gateway.index.models import Study
+from gateway.index.models import Delivery, Study
 from gateway.qr import policy, query
 from gateway.qr.matching import Matcher, Single, UIDList, Universal
 from gateway.transfer.prepare import resolve_profile
@@ -196,6 +196,22 @@ class PeerQueryResponder:
             self.on_delivery()
         log.info("peer retrieve queued", extra={"peer": peer, "packages": len(packages)})
         return {"packages": packages, "instances": len(seen)}
+
+    def package_states(self, peer: str, address: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The delivery state of retrieve packages this node makes for ``peer`` (others' are
+        not found), so the asking node stops waiting for one that failed or quarantined."""
+        ids = body.get("packages")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(ids) > 1000:
+            raise QueryRetrieveError(IDENTIFIER_MISMATCH, "bad-request")
+        states: dict[str, str] = {}
+        with self.db.session() as s:
+            for delivery in s.execute(
+                select(Delivery).where(
+                    Delivery.id.in_(ids), Delivery.destination == peer_destination(peer)
+                )
+            ).scalars():
+                states[delivery.id] = delivery.state
+        return {"states": states}
 
     # --- policy, identifiers, matching ------------------------------------------------------
     def _grants(self, peer: str, address: str, request: PeerRequest) -> list[PeerGrantConfig]:

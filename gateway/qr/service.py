@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.25  # how often a federated retrieve looks for arrived packages
 _PROGRESS_SECONDS = 5.0  # a pending response at least this often while waiting
+_STATE_SECONDS = 5.0  # how often the sending peers are asked about awaited packages
+_GIVEN_UP = frozenset({"failed", "quarantined", "cancelled"})  # delivery states at the peer
 NOT_MATCHED = ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle")
 Upstream = Any  # gateway.dicom.qr_scu.UpstreamClient (find, move)
 
@@ -320,8 +322,11 @@ class QRService:
         pending = set(waiting)
         sent: set[str] = set()
         deadline = time.monotonic() + timeout
-        last_yield = time.monotonic()
+        last_yield = last_state = time.monotonic()
         while pending and time.monotonic() < deadline and not stop():
+            if time.monotonic() - last_state >= _STATE_SECONDS:
+                last_state = time.monotonic()
+                pending -= self._failed_at_peers(pending)
             with self.db.session() as s:
                 arrived = {
                     (peer, package_id)
@@ -347,6 +352,19 @@ class QRService:
                 time.sleep(_POLL_SECONDS)
         if pending:
             log.warning("retrieved packages did not arrive", extra={"missing": len(pending)})
+
+    def _failed_at_peers(self, pending: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The awaited packages their peer reports as failed, quarantined or cancelled:
+        they will not come, so the wait for them ends (counted as failed sub-operations)."""
+        assert self.federation is not None
+        gone: set[tuple[str, str]] = set()
+        for peer in sorted({p for p, _ in pending}):
+            ids = sorted(i for p, i in pending if p == peer)
+            states = self.federation.package_states(peer, ids)
+            gone |= {(peer, i) for i in ids if states.get(i) in _GIVEN_UP}
+        if gone:
+            log.warning("a peer gave up sending retrieved packages", extra={"packages": len(gone)})
+        return gone
 
     def _select(
         self,

@@ -5,6 +5,7 @@ retrieve makes one delivery per series with the grant's profile."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from io import BytesIO
@@ -22,6 +23,7 @@ from gateway.deid import ProjectKey, deidentify_bytes, load_profile
 from gateway.errors import QueryRetrieveError
 from gateway.index.db import Database
 from gateway.index.models import AuditEvent, Delivery, Instance, Series, Study
+from gateway.qr.matching import parse as parse_matcher
 from gateway.qr.policy import deidentify_row
 from gateway.qr.responder import PeerQueryResponder, peer_destination
 from gateway.qr.service import QRService
@@ -215,3 +217,45 @@ def test_keys_match_the_deidentified_values(node: dict[str, Any]) -> None:
         "node-b", "127.0.0.1", _body("WS", StudyInstanceUID="", PatientID=pseudonym)
     )
     assert {m["StudyInstanceUID"] for m in by_pseudonym["matches"]} == {KEY.uid("1.9.1")}
+
+
+def test_package_states_only_for_the_asking_peer(node: dict[str, Any]) -> None:
+    responder, db = node["responder"], node["db"]
+    body = {**_body("WS", StudyInstanceUID=KEY.uid("1.9.1")), "service": "c-move"}
+    packages = responder.retrieve("node-b", "127.0.0.1", body)["packages"]
+    with db.session() as s:
+        s.get(Delivery, packages[0]).state = "quarantined"
+    states = responder.package_states("node-b", "", {"packages": [*packages, "nope"]})["states"]
+    assert states == {packages[0]: "quarantined", packages[1]: "pending"}
+    assert responder.package_states("node-c", "", {"packages": packages}) == {"states": {}}
+    with pytest.raises(QueryRetrieveError):
+        responder.package_states("node-b", "", {"packages": "all"})
+
+
+class _Peers:
+    """The asking side's view of a peer that accepted two packages and then quarantined one
+    and failed the other (a FederationClient's package_states)."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    def package_states(self, peer: str, package_ids: list[str]) -> dict[str, str]:
+        self.asked.append(list(package_ids))
+        return {"p1": "quarantined", "p2": "failed"}
+
+
+def test_the_asking_node_stops_waiting_for_packages_the_peer_gave_up(
+    node: dict[str, Any],
+) -> None:
+    peers = _Peers()
+    qr = node["responder"].qr
+    qr.federation = peers
+    matchers = {"StudyInstanceUID": parse_matcher("UI", "2.25.1")}
+    started = time.monotonic()
+    batches = list(
+        qr._arrivals("STUDY", matchers, [("node-a", "p1"), ("node-a", "p2")], 120.0, lambda: False)
+    )
+    took = time.monotonic() - started
+    assert peers.asked == [["p1", "p2"]]
+    assert all(b == [] for b in batches)  # nothing arrived; progress ticks at most
+    assert took < 15, took  # not the 120 s retrieve timeout
