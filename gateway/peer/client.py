@@ -52,6 +52,7 @@ from gateway.errors import (
     PermanentError,
     QuarantineError,
     RetryableError,
+    TLSRefusedError,
 )
 from gateway.ids import new_id
 from gateway.index.db import Database
@@ -235,7 +236,10 @@ class PeerDestination:
         try:
             answer = asyncio.run(self._send(document, package.paths, should_stop))
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise RetryableError(f"peer {self.peer.name}: certificate refused ({exc})") from None
+            # a security event; retried, so a fixed certificate lets the package go (F14)
+            error = exc.certificate_error
+            reason = getattr(error, "verify_message", "") or str(error)
+            raise TLSRefusedError(f"peer {self.peer.name}: {reason}"[:200]) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RetryableError(
                 f"peer {self.peer.name} unreachable: {exc.__class__.__name__}"

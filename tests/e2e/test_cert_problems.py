@@ -5,6 +5,10 @@ one its own OpenSSL would refuse): an expired certificate, a revoked one (``dico
 an RSA-1024 key (refused by policy, security level 2) and another CA's are refused at the
 handshake and audited as security events naming the check that failed; the node keeps serving.
 
+The peer channel (two nodes, A sending to B): B serving an expired certificate or one without
+the address A connects to, then A presenting an expired one: refused at the handshake,
+audited on the side that refused, the package stays queued; once both are fixed it goes.
+
 The node to TLS destinations (DCMTK storescp): a server certificate that is expired, from
 another CA, without the destination's name, revoked (the destination's ``crl_file``) or with
 an RSA-1024 key is refused at the handshake; each delivery stays queued (retry, never
@@ -14,6 +18,7 @@ serves a good certificate every delivery goes through.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import time
@@ -21,12 +26,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from gateway.crypto.tls import ca_init
 from tests.e2e.test_forward import storescu
+from tests.e2e.test_peer import _count, _nodes, _study, _trust
 from tests.support.certs import IssuedCert, crl, issue
 from tests.support.datasets import make_ct_study
 from tests.support.node import GatewayNode
@@ -247,3 +254,76 @@ def test_destination_certificate_problems_keep_the_delivery_queued(
     finally:
         for scp in scps.values():
             scp.stop()
+
+
+# --- the peer channel -------------------------------------------------------------------------
+
+
+def _retls(node: GatewayNode, pki: Pki, **kwargs: Any) -> None:
+    """Give ``node`` a new TLS key and certificate (``issue``'s arguments)."""
+    keys = node.state_dir / "keys"
+    cert = issue(pki.ca_dir, node.node_name, node.root / "new-tls", **kwargs)
+    cert.cert_file.replace(keys / "tls.crt")
+    cert.key_file.replace(keys / "tls.key")
+
+
+def _retrust(giver: GatewayNode, taker: GatewayNode) -> None:
+    """``taker`` pins ``giver``'s current certificate (the old material removed first)."""
+    shutil.rmtree(taker.state_dir / "peers" / giver.node_name, ignore_errors=True)
+    _trust(giver, taker)
+
+
+def _new_security_rows(node: GatewayNode, seen: int, reason: str, timeout: float = 30) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in security(node) if r["seq"] > seen and r["detail"]["reason"] == reason]
+        if rows or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def _queued(node: GatewayNode) -> None:
+    states = {d["state"] for d in node.deliveries()}
+    assert states and states <= {"retry_wait", "in_progress", "pending"}, states
+
+
+def test_peer_certificate_problems_keep_the_package_queued(tmp_path: Path, pki: Pki) -> None:
+    """The peer channel pins each peer's exact certificate (no CRL there: revoking a peer is
+    replacing or removing its material); what it must still refuse is checked here."""
+    nodes_pki: Any = SimpleNamespace(ca=pki.ca_dir)  # keys init --ca: the node's first identity
+    a, b, _ = _nodes(tmp_path, nodes_pki, None, a_worker={"max_attempts": 100, "backoff_max": 1})
+    files = _study(tmp_path, 2)
+    # 1. B serves an expired certificate (the very one A pins): A refuses it
+    _retls(b, pki, not_before=PAST, not_after=PAST + timedelta(days=30))
+    _retrust(b, a)
+    with a, b:
+        storescu(a, files)
+        rows = _new_security_rows(a, 0, "tls-destination-refused")
+        assert rows and "expired" in rows[-1]["detail"]["error"], rows
+        a.wait_for_deliveries("retry_wait", 1)
+        seen_a = rows[-1]["seq"]
+    # 2. B's certificate does not name the address A connects to
+    _retls(b, pki, sans=("elsewhere.example",))
+    _retrust(b, a)
+    with a, b:
+        rows = _new_security_rows(a, seen_a, "tls-destination-refused")
+        assert rows and "mismatch" in rows[-1]["detail"]["error"], rows
+        _queued(a)
+    # 3. B is fixed; A presents an expired certificate (the one B pins): B refuses it
+    _retls(b, pki)
+    _retrust(b, a)
+    _retls(a, pki, not_before=PAST, not_after=PAST + timedelta(days=30))
+    _retrust(a, b)
+    with a, b:
+        rows = _new_security_rows(b, 0, "tls-handshake-failed")
+        assert rows and "expired" in rows[-1]["detail"]["error"], rows
+        _queued(a)
+        assert b.cli_json("audit", "list", "--type", "peer-package", "--limit", "10") == []
+    # 4. A is fixed: the package goes, once
+    _retls(a, pki)
+    _retrust(a, b)
+    with a, b:
+        a.wait_for_deliveries("delivered", 1, timeout=60)
+        assert a.cli("audit", "verify").returncode == 0
+        assert b.cli("audit", "verify").returncode == 0
+    assert _count(b, "select count(*) from instances") == 2
