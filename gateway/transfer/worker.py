@@ -150,6 +150,8 @@ class Worker:
         reason = ""
         refused = ""  # a destination's certificate refused at the TLS handshake (F14)
         progress = _Progress([], time.monotonic())
+        # results are recorded, and the lease renewed, well before the lease could run out
+        renew_every = min(_BATCH_SECONDS, self.cfg.worker.lease_seconds / 3)
         try:
             if destination is None:
                 raise PermanentError("destination is no longer configured")
@@ -162,6 +164,12 @@ class Worker:
                 )
                 files.append(self.pipeline.prepare(source, ctx))
                 item_ids.append(item.id)
+                if time.monotonic() - progress.last_flush >= renew_every:
+                    # preparing (de-identifying) a large delivery can outlast the lease:
+                    # renew it as sending does, or another worker takes the delivery over
+                    self._flush(delivery_id, worker_id, progress)
+                    if progress.lease_lost:
+                        break
 
             def report(result: SendResult) -> None:
                 progress.results.append((item_ids[result.index], result))
@@ -170,15 +178,19 @@ class Worker:
                     self.metrics.bytes_sent.labels(ctx.destination).inc(_size(files[result.index]))
                 if (
                     len(progress.results) >= _BATCH
-                    or time.monotonic() - progress.last_flush >= _BATCH_SECONDS
+                    or time.monotonic() - progress.last_flush >= renew_every
                 ):
                     self._flush(delivery_id, worker_id, progress)
 
-            destination.deliver(files, report, lambda: progress.lease_lost or self._stop.is_set())
-            self._flush(delivery_id, worker_id, progress)
+            if not progress.lease_lost:
+                destination.deliver(
+                    files, report, lambda: progress.lease_lost or self._stop.is_set()
+                )
+                self._flush(delivery_id, worker_id, progress)
             if progress.lease_lost:
+                # the prepared files stay: the worker that holds the lease now prepares into
+                # the same folder and may be sending from it; its release removes them
                 log.warning("lease lost; attempt abandoned", extra={"delivery_id": delivery_id})
-                self.pipeline.release(delivery_id)
                 return
             event = Event.DELIVERED
         except QuarantineError as exc:
