@@ -62,8 +62,10 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayNode]:
         worker={"enabled": False},
     )
     with gateway:
+        assert one_cycle(gateway.port, RQ, None) is None  # every lazy start-up thread running
+        time.sleep(0.5)
+        baseline = proc_status(gateway.pid)["Threads"]
         yield gateway
-        baseline = 6
         deadline = time.monotonic() + 10
         while proc_status(gateway.pid)["Threads"] > baseline and time.monotonic() < deadline:
             time.sleep(0.2)
