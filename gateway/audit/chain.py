@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from gateway.errors import AuditChainError
@@ -26,6 +26,14 @@ from gateway.text import safe_text
 GENESIS = "0" * 64
 _EVENTS = cast(Table, AuditEvent.__table__)
 _HEAD = cast(Table, AuditHead.__table__)
+# built once, executed with parameters (once per audited event)
+_LOCK_HEAD = select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
+_INSERT_EVENT = insert(_EVENTS)
+_MOVE_HEAD = (
+    update(_HEAD)
+    .where(_HEAD.c.id == 1)
+    .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+)
 # the hashed content, in order; ``hash`` itself is the digest of these
 _HASHED = (
     "seq",
@@ -87,9 +95,7 @@ def append(session: Session, record: AuditRecord, *, node: str, now: datetime) -
     insert the row, move the head): this runs once per received instance.
     """
     conn = session.connection()
-    seq, prev_hash = conn.execute(
-        select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1).with_for_update()
-    ).one()
+    seq, prev_hash = conn.execute(_LOCK_HEAD).one()
     values: dict[str, Any] = {
         "seq": seq + 1,
         "recorded_at": now,
@@ -108,10 +114,8 @@ def append(session: Session, record: AuditRecord, *, node: str, now: datetime) -
         "prev_hash": prev_hash,
     }
     values["hash"] = _digest_values(values)
-    conn.execute(insert(_EVENTS).values(values))
-    conn.execute(
-        update(_HEAD).where(_HEAD.c.id == 1).values(seq=values["seq"], hash=values["hash"])
-    )
+    conn.execute(_INSERT_EVENT, values)
+    conn.execute(_MOVE_HEAD, {"new_seq": values["seq"], "new_hash": values["hash"]})
     return int(values["seq"])
 
 

@@ -12,15 +12,40 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Table, func, insert, or_, select, update
+from sqlalchemy import Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.ids import new_id
 from gateway.index.models import Delivery, DeliveryAttempt, DeliveryItem, Instance
 from gateway.index.states import CLAIMABLE, Event, State, next_state
 
+STREAM_LINGER = timedelta(seconds=0.2)
+"""A streaming delivery becomes claimable this long after its first instance: the study's
+next instances join it meanwhile, so one association carries many (an association, a claim
+and a finish per instance cost more than sending it)."""
+
 _DELIVERIES = cast(Table, Delivery.__table__)
 _ITEMS = cast(Table, DeliveryItem.__table__)
+# append_to_open runs once per streamed instance: its statements are built once
+_OPEN_DELIVERY = (
+    select(_DELIVERIES.c.id)
+    .where(
+        _DELIVERIES.c.study_instance_uid == bindparam("study_instance_uid"),
+        _DELIVERIES.c.route_name == bindparam("route_name"),
+        _DELIVERIES.c.destination == bindparam("destination"),
+        _DELIVERIES.c.profile == bindparam("profile"),
+        _DELIVERIES.c.state == State.PENDING.value,
+        _DELIVERIES.c.attempts == 0,
+    )
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_INSERT_ITEM = insert(_ITEMS)
+_COUNT_ITEM = (
+    update(_DELIVERIES)
+    .where(_DELIVERIES.c.id == bindparam("delivery_id"))
+    .values(instance_count=_DELIVERIES.c.instance_count + 1, updated_at=bindparam("now"))
+)
 
 
 def create(
@@ -32,7 +57,9 @@ def create(
     profile: str,
     instance_ids: Sequence[int],
     now: datetime,
+    claimable_at: datetime | None = None,
 ) -> Delivery:
+    """A pending delivery of ``instance_ids``, claimable from ``claimable_at`` (default now)."""
     delivery = Delivery(
         id=new_id(),
         study_instance_uid=study_instance_uid,
@@ -41,7 +68,7 @@ def create(
         profile=profile,
         state=State.PENDING.value,
         attempts=0,
-        next_attempt_at=now,
+        next_attempt_at=claimable_at or now,
         created_at=now,
         updated_at=now,
         last_error="",
@@ -68,22 +95,21 @@ def append_to_open(
     profile: str,
     instance_id: int,
     now: datetime,
+    linger: timedelta = timedelta(0),
 ) -> str:
-    """Add an instance to this study's unclaimed delivery for the route, or start one;
-    return the delivery's id. Core statements: this runs once per streamed instance."""
+    """Add an instance to this study's unclaimed delivery for the route, or start one that
+    is claimable ``linger`` from now (so the study's next instances join it and one
+    association carries them); return the delivery's id. Core statements: this runs once
+    per streamed instance."""
     conn = session.connection()
     open_id = conn.execute(
-        select(_DELIVERIES.c.id)
-        .where(
-            _DELIVERIES.c.study_instance_uid == study_instance_uid,
-            _DELIVERIES.c.route_name == route_name,
-            _DELIVERIES.c.destination == destination,
-            _DELIVERIES.c.profile == profile,
-            _DELIVERIES.c.state == State.PENDING.value,
-            _DELIVERIES.c.attempts == 0,
-        )
-        .limit(1)
-        .with_for_update(skip_locked=True)
+        _OPEN_DELIVERY,
+        {
+            "study_instance_uid": study_instance_uid,
+            "route_name": route_name,
+            "destination": destination,
+            "profile": profile,
+        },
     ).scalar_one_or_none()
     if open_id is None:
         delivery = create(
@@ -94,19 +120,15 @@ def append_to_open(
             profile=profile,
             instance_ids=[instance_id],
             now=now,
+            claimable_at=now + linger,
         )
         session.flush()  # the next Core statement in this transaction must see it
         return delivery.id
     conn.execute(
-        insert(_ITEMS).values(
-            delivery_id=open_id, instance_id=instance_id, state="pending", reason=""
-        )
+        _INSERT_ITEM,
+        {"delivery_id": open_id, "instance_id": instance_id, "state": "pending", "reason": ""},
     )
-    conn.execute(
-        update(_DELIVERIES)
-        .where(_DELIVERIES.c.id == open_id)
-        .values(instance_count=_DELIVERIES.c.instance_count + 1, updated_at=now)
-    )
+    conn.execute(_COUNT_ITEM, {"delivery_id": open_id, "now": now})
     return str(open_id)
 
 

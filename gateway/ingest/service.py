@@ -14,6 +14,7 @@ stores the new bytes as the next version and routes it, ``reject`` answers 0x011
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from datetime import datetime
 from typing import cast
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, Executable, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -51,6 +52,37 @@ _INSTANCES = cast(Table, Instance.__table__)
 _STUDIES = cast(Table, Study.__table__)
 _SERIES = cast(Table, Series.__table__)
 _ROUTE_CANDIDATES = cast(Table, RouteCandidate.__table__)
+# Built once and executed with parameters: building a statement per instance (bind
+# parameters, cache key) cost as much as running it.
+_VERSIONS = select(_INSTANCES.c.version, _INSTANCES.c.sha256).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("sop_instance_uid")
+)
+_INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
+_INSERT_CANDIDATES = insert(_ROUTE_CANDIDATES)
+_STUDY_WHERE = _STUDIES.c.study_instance_uid == bindparam("uid")
+_STUDY_MODALITIES = select(_STUDIES.c.modalities).where(_STUDY_WHERE).with_for_update()
+_SET_MODALITIES = update(_STUDIES).where(_STUDY_WHERE).values(modalities=bindparam("modalities"))
+
+
+@functools.cache
+def _upserts(dialect: str) -> tuple[Executable, Executable]:
+    """The study and series upserts (ON CONFLICT on SQLite and PostgreSQL)."""
+    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    study = insert_(_STUDIES)
+    series = insert_(_SERIES)
+    return (
+        study.on_conflict_do_update(
+            index_elements=[_STUDIES.c.study_instance_uid],
+            set_={
+                "instance_count": _STUDIES.c.instance_count + 1,
+                "last_received_at": study.excluded.last_received_at,
+            },
+        ),
+        series.on_conflict_do_update(
+            index_elements=[_SERIES.c.series_instance_uid],
+            set_={"instance_count": _SERIES.c.instance_count + 1},
+        ).returning(_SERIES.c.instance_count),
+    )
 
 
 @dataclass(frozen=True)
@@ -316,11 +348,7 @@ class IngestService:
     ) -> tuple[str, bool]:
         ds = header.values
         conn = s.connection()
-        versions = conn.execute(
-            select(_INSTANCES.c.version, _INSTANCES.c.sha256).where(
-                _INSTANCES.c.sop_instance_uid == request.sop_instance_uid
-            )
-        ).all()
+        versions = conn.execute(_VERSIONS, {"sop_instance_uid": request.sop_instance_uid}).all()
         base = AuditRecord(
             event_type,
             "success",
@@ -362,8 +390,8 @@ class IngestService:
         version = max((v.version for v in versions), default=0) + 1
         modality = _text(ds, "Modality", 16)
         instance_id: int = conn.execute(
-            insert(_INSTANCES)
-            .values(
+            _INSERT_INSTANCE,
+            dict(
                 spool_key=key,
                 sop_instance_uid=request.sop_instance_uid,
                 version=version,
@@ -380,8 +408,7 @@ class IngestService:
                 called_ae_title=info.called_ae_title[:16],
                 calling_address=info.address[:64],
                 association_id=info.association_id,
-            )
-            .returning(_INSTANCES.c.id)
+            ),
         ).scalar_one()
         self._summaries(conn, ds, header, modality, now)
         streamed = self._route(s, info, ds, header, instance_id, now)
@@ -395,60 +422,46 @@ class IngestService:
     def _summaries(
         self, conn: Connection, ds: Dataset, header: _Header, modality: str, now: datetime
     ) -> None:
-        insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        study_insert = insert_(_STUDIES).values(
-            study_instance_uid=header.study_instance_uid,
-            patient_id=_text(ds, "PatientID", 64),
-            patient_name=_text(ds, "PatientName", 324),
-            patient_birth_date=_text(ds, "PatientBirthDate", 8),
-            patient_sex=_text(ds, "PatientSex", 16),
-            study_date=_text(ds, "StudyDate", 8),
-            study_time=_text(ds, "StudyTime", 16),
-            accession_number=_text(ds, "AccessionNumber", 16),
-            study_id=_text(ds, "StudyID", 16),
-            study_description=_text(ds, "StudyDescription", 64),
-            referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
-            modalities="",
-            instance_count=1,
-            first_received_at=now,
-            last_received_at=now,
-        )
+        study_upsert, series_upsert = _upserts(conn.dialect.name)
         conn.execute(
-            study_insert.on_conflict_do_update(
-                index_elements=[_STUDIES.c.study_instance_uid],
-                set_={
-                    "instance_count": _STUDIES.c.instance_count + 1,
-                    "last_received_at": study_insert.excluded.last_received_at,
-                },
-            )
-        )
-        series_insert = insert_(_SERIES).values(
-            series_instance_uid=header.series_instance_uid,
-            study_instance_uid=header.study_instance_uid,
-            modality=modality,
-            series_number=_text(ds, "SeriesNumber", 12),
-            series_description=_text(ds, "SeriesDescription", 64),
-            instance_count=1,
+            study_upsert,
+            {
+                "study_instance_uid": header.study_instance_uid,
+                "patient_id": _text(ds, "PatientID", 64),
+                "patient_name": _text(ds, "PatientName", 324),
+                "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+                "patient_sex": _text(ds, "PatientSex", 16),
+                "study_date": _text(ds, "StudyDate", 8),
+                "study_time": _text(ds, "StudyTime", 16),
+                "accession_number": _text(ds, "AccessionNumber", 16),
+                "study_id": _text(ds, "StudyID", 16),
+                "study_description": _text(ds, "StudyDescription", 64),
+                "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
+                "modalities": "",
+                "instance_count": 1,
+                "first_received_at": now,
+                "last_received_at": now,
+            },
         )
         new_series = conn.execute(
-            series_insert.on_conflict_do_update(
-                index_elements=[_SERIES.c.series_instance_uid],
-                set_={"instance_count": _SERIES.c.instance_count + 1},
-            ).returning(_SERIES.c.instance_count)
+            series_upsert,
+            {
+                "series_instance_uid": header.series_instance_uid,
+                "study_instance_uid": header.study_instance_uid,
+                "modality": modality,
+                "series_number": _text(ds, "SeriesNumber", 12),
+                "series_description": _text(ds, "SeriesDescription", 64),
+                "instance_count": 1,
+            },
         ).scalar_one()
         if new_series == 1 and modality:
             # a new series may bring a new modality to the study (rare: once per series)
-            where = _STUDIES.c.study_instance_uid == header.study_instance_uid
-            modalities = conn.execute(
-                select(_STUDIES.c.modalities).where(where).with_for_update()
-            ).scalar_one()
+            uid = header.study_instance_uid
+            modalities = conn.execute(_STUDY_MODALITIES, {"uid": uid}).scalar_one()
             mods = [m for m in modalities.split("\\") if m]
             if modality not in mods:
-                conn.execute(
-                    update(_STUDIES)
-                    .where(where)
-                    .values(modalities="\\".join([*mods, modality])[:128])
-                )
+                joined = "\\".join([*mods, modality])[:128]
+                conn.execute(_SET_MODALITIES, {"uid": uid, "modalities": joined})
 
     def _route(
         self,
@@ -488,6 +501,7 @@ class IngestService:
                         profile=route.profile,
                         instance_id=instance_id,
                         now=now,
+                        linger=deliveries.STREAM_LINGER,
                     )
                 streamed = True
             candidates.append(
@@ -499,7 +513,7 @@ class IngestService:
                 }
             )
         if candidates:
-            s.connection().execute(insert(_ROUTE_CANDIDATES), candidates)
+            s.connection().execute(_INSERT_CANDIDATES, candidates)
         return streamed
 
     # --- start-up -----------------------------------------------------------------------

@@ -112,9 +112,11 @@ class Worker:
             except Exception:  # thread boundary: a bug must not kill the worker thread
                 log.exception("worker iteration failed")
                 worked = False
-            if not worked:
-                self.wakeup.wait(self.cfg.worker.poll_interval)
+            if not worked and self.wakeup.wait(self.cfg.worker.poll_interval):
                 self.wakeup.clear()
+                # woken by a streamed instance (or a routed study): a streaming delivery is
+                # claimable only after its linger, so look again then
+                self._stop.wait(deliveries.STREAM_LINGER.total_seconds())
 
     # --- one delivery ----------------------------------------------------------------------
     def run_once(self, worker_id: str) -> bool:
