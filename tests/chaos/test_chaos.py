@@ -554,10 +554,13 @@ def one_round(
     proc = node.proc
     assert proc is not None
     if aim == "random":
-        # a random instant: after a random time, or once a random number of instances more
-        # were acknowledged (so the kills spread over the whole study), whichever is first
-        acked = len(sender.acked) + rng.randint(0, 2 * quota)
-        wait_for("acknowledgements", lambda: len(sender.acked) >= acked, rng.uniform(0.05, 4))
+        # a random instant: mostly once a random number of instances more were acknowledged
+        # (so the kills spread over the whole study), else after a random time
+        if rng.random() < 0.7:
+            acked = len(sender.acked) + rng.randint(1, 2 * quota)
+            wait_for("acknowledgements", lambda: len(sender.acked) >= acked, 20, 0.005)
+        else:
+            time.sleep(rng.uniform(0.05, 3))
         rnd.point = "random"
     elif aim == "mid-forward":
         # kill while the destination is receiving: bytes towards it are in flight
