@@ -15,7 +15,9 @@ answered idempotently). Named points come from the outside, without code in the 
   listening port (after the commit, before the C-STORE response), a send towards the
   destination (mid-forward), a de-identified file being written (mid-de-identification);
 * the fault proxy between the node and Orthanc swallows one C-STORE-RSP, and the node is
-  killed once Orthanc has answered (after the destination's response, before it is recorded).
+  killed once Orthanc has answered (after the destination's response, before it is recorded),
+  or counts the bytes in flight to Orthanc (mid-forward);
+* a start that is cut short kills the node while it recovers from the previous kill.
 
 Afterwards: every instance was acknowledged; Orthanc holds each one exactly once, under
 the keyed pseudonymous SOP Instance UID that ``dicom-gateway deid`` computes with the
@@ -71,6 +73,7 @@ REQUIRED = (
     "after-commit-before-response",
     "mid-forward",
     "after-destination-response",
+    "during-start-up",
 )
 # named points strace aims at: (syscall to kill on, range of N for when=N); the node is
 # slow under strace (every syscall of every thread stops), so N stays small
@@ -536,6 +539,16 @@ def one_round(
     rnd = Round(aim)
     node.wrapper = []
     begin = time.monotonic()
+    if aim == "during-start-up":
+        # killed while it recovers from the previous kill (orphan sweep, migrations, keys)
+        try:
+            node.start(timeout=rng.uniform(0.2, 1.5))  # kills the node when it is not up yet
+        except RuntimeError:
+            rnd.point, rnd.seconds = aim, time.monotonic() - begin
+            return rnd
+        node.kill()
+        rnd.point, rnd.detail = "random", "it was up already"
+        return rnd
     node.start(timeout=60)
     rnd.start_seconds = time.monotonic() - begin
     # start-up recovery: nothing left of the previous crash before anything arrives
