@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="only these systems (ingest: node, dcmtk-storescp, dcmtk-storescp-ignore, "
         "orthanc, pynetdicom-scp; e2e: node-stream, node-study, orthanc-router, direct, "
-        "node-stream-basic (only when named); deid: node-basic-file, node-basic-gate, "
+        "node-stream-basic; deid: node-basic-file, node-basic-gate, "
         "node-basic-nogate, dicognito, pydicom-deid; sealed-transfer: peer-sealed, "
         "peer-plain-cstore, aes-256-gcm-raw, spool-write-sealed, spool-write-plain)",
     )

@@ -273,10 +273,10 @@ end
 """
 
 E2E_ORDER = ("node-stream", "node-stream-basic", "node-study", "orthanc-router", "direct")
-E2E_DEFAULT = frozenset({"node-stream", "node-study", "orthanc-router", "direct"})
-"""``node-stream-basic`` (the stream route with ``profile = "basic"``) runs only when named
-in ``--systems``, until the node applies profiles on delivery; it fails, rather than report
-a figure, if what arrives at the destination still carries the original PatientID."""
+E2E_DEFAULT = frozenset(E2E_ORDER)
+"""``node-stream-basic`` is the stream route with ``profile = "basic"``: the run fails, rather
+than report a figure, if what arrives at the destination still carries the original
+PatientID."""
 
 
 def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> dict[str, float]:
@@ -950,14 +950,6 @@ class Scenario:
 REGISTRY: tuple[Scenario, ...] = (
     Scenario("ingest", "1. Ingest: storescu -> receiver", run_ingest),
     Scenario("e2e", "2. End to end: storescu -> router -> Orthanc", run_e2e),
-    Scenario(
-        "e2e-basic-profile",
-        "2b. End to end with the `basic` de-identification profile",
-        None,
-        "not in the default run: `--systems node-stream-basic,orthanc-router` measures it "
-        "once the node applies a route's profile on delivery (the run fails, rather than "
-        "report a figure, if PatientID reaches the destination unchanged)",
-    ),
     Scenario(
         "e2e-peer-channel",
         "2c. End to end through a second node over the peer channel",
