@@ -22,7 +22,9 @@ dropping the connection without an answer.
 :class:`GuardedStateMachine` keeps pynetdicom's reactor thread alive when the peer's PDUs put
 the association in a state where a local primitive arrives too late (an A-RELEASE-RP after
 the peer's garbage made us abort: ``Evt14`` in ``Sta13``); pynetdicom raises there and the
-thread dies with the connection still open.
+thread dies with the connection still open. It also ends a connection that closed before its
+A-ASSOCIATE-RQ at once: pynetdicom kept its thread waiting ``acse_timeout`` (30 s), so a burst
+of garbage connections, each aborted at once, filled ``max_connections`` for that long.
 """
 
 from __future__ import annotations
@@ -206,6 +208,7 @@ class GuardedStateMachine(StateMachine):
     def do_action(self, event: str) -> None:
         try:
             super().do_action(event)
+            self._end_wait_if_idle()
         except InvalidEventError:
             log.info("upper-layer event out of order dropped", extra={"event": event})
         except Exception:  # the peer's bytes: anything an action raises (re-raised if not ours)
@@ -213,3 +216,16 @@ class GuardedStateMachine(StateMachine):
             if not isinstance(sock, GuardedSocket):
                 raise
             sock.refuse("invalid-pdu-sequence")
+
+    def _end_wait_if_idle(self) -> None:
+        """Back in Sta1 (the transport closed) before an A-ASSOCIATE-RQ arrived: pynetdicom's
+        acceptor would wait ``acse_timeout`` for one anyway, its thread counting against
+        ``max_connections`` with no socket left; ``None`` is its own "nothing came"."""
+        assoc = self.dul.assoc
+        if (
+            self.current_state == "Sta1"
+            and assoc.is_acceptor
+            and assoc.requestor.primitive is None
+            and self.dul.to_user_queue.empty()
+        ):
+            self.dul.to_user_queue.put(None)
