@@ -49,18 +49,24 @@ class Sender:
             return
         self.established.set()
         i = 0
+        answered = True
         while assoc.is_established and (self.endless or i < len(self.files)):
             path = self.files[i % len(self.files)]
             rsp = assoc.send_c_store(path)
-            if "Status" in rsp and int(rsp.Status) == 0:
-                self.acked.append(
-                    str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-                )
-            elif assoc.is_established:
-                self.outcome = f"status {rsp.get('Status', 'none')}"
+            if "Status" not in rsp:
+                answered = False  # no answer: the association is going down
                 break
+            if int(rsp.Status) != 0:
+                self.outcome = f"status 0x{int(rsp.Status):04X}"
+                break
+            uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            self.acked.append(str(uid))
             i += 1
             time.sleep(self.pause)
+        if not answered:  # let pynetdicom finish taking the association down
+            deadline = time.monotonic() + 5
+            while assoc.is_established and time.monotonic() < deadline:
+                time.sleep(0.01)
         if assoc.is_established:
             assoc.release()
             self.outcome = self.outcome or "released"
