@@ -26,6 +26,7 @@ from gateway.errors import IndexError_
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+_READ_ONLY = "gateway_read_only"
 
 
 class Database:
@@ -73,6 +74,21 @@ class Database:
         except SQLAlchemyError as exc:
             raise IndexError_(f"index transaction failed: {exc.__class__.__name__}") from exc
 
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only unit of work: no writer lock and, on SQLite, a deferred ``BEGIN``, so
+        it neither waits for the writer nor holds others up (a WAL reader sees the last
+        commit). For polling and gauges; anything that writes uses :meth:`session`.
+
+        Database failures surface as :class:`IndexError_`.
+        """
+        try:
+            with self._sessions() as s, s.begin():
+                s.connection(execution_options={_READ_ONLY: True})
+                yield s
+        except SQLAlchemyError as exc:
+            raise IndexError_(f"index read failed: {exc.__class__.__name__}") from exc
+
     def migrate(self) -> None:
         """Bring the schema to the newest migration."""
         cfg = AlembicConfig()
@@ -97,4 +113,5 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

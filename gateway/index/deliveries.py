@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -140,6 +140,30 @@ class Claim:
     lease_expires_at: datetime
 
 
+def _due(now: datetime, horizon: float | None) -> tuple[Any, Any]:
+    """(the deliveries due at ``now``, the leases still live), see :func:`claim`."""
+    retry_due = Delivery.next_attempt_at <= now
+    lease_over = Delivery.lease_expires_at < now
+    lease_live = Delivery.lease_expires_at >= now
+    if horizon is not None:
+        beyond = now + timedelta(seconds=horizon)
+        retry_due = or_(retry_due, Delivery.next_attempt_at > beyond)
+        lease_over = or_(lease_over, Delivery.lease_expires_at > beyond)
+        lease_live = lease_live & (Delivery.lease_expires_at <= beyond)
+    due = or_(
+        (Delivery.state.in_([s.value for s in CLAIMABLE])) & retry_due,
+        (Delivery.state == State.IN_PROGRESS.value) & lease_over,
+    )
+    return due, lease_live
+
+
+def any_due(session: Session, *, now: datetime, horizon: float | None = None) -> bool:
+    """Whether :func:`claim` could find a due delivery (whatever the destinations' free
+    slots): a read that idle workers make without taking the writer."""
+    due, _live = _due(now, horizon)
+    return session.execute(select(Delivery.id).where(due).limit(1)).first() is not None
+
+
 def claim(
     session: Session,
     *,
@@ -156,18 +180,7 @@ def claim(
     ``now`` counts as due: no clock on this time line sets one so far ahead, so it was
     written under a system clock that has since been set back (FAULTS F19), and waiting
     for it would stall the delivery for as long as the clock went back."""
-    retry_due = Delivery.next_attempt_at <= now
-    lease_over = Delivery.lease_expires_at < now
-    lease_live = Delivery.lease_expires_at >= now
-    if horizon is not None:
-        beyond = now + timedelta(seconds=horizon)
-        retry_due = or_(retry_due, Delivery.next_attempt_at > beyond)
-        lease_over = or_(lease_over, Delivery.lease_expires_at > beyond)
-        lease_live = lease_live & (Delivery.lease_expires_at <= beyond)
-    due = or_(
-        (Delivery.state.in_([s.value for s in CLAIMABLE])) & retry_due,
-        (Delivery.state == State.IN_PROGRESS.value) & lease_over,
-    )
+    due, lease_live = _due(now, horizon)
     candidates = (
         session.execute(
             select(Delivery)

@@ -124,7 +124,7 @@ class Router:
 
     def update_gauges(self) -> None:
         now = self.clock.now()
-        with self.db.session() as s:
+        with self.db.read() as s:
             counts = dict(
                 s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
             )

@@ -121,6 +121,11 @@ class Worker:
     # --- one delivery ----------------------------------------------------------------------
     def run_once(self, worker_id: str) -> bool:
         now = self.clock.now()
+        horizon = max(self.cfg.worker.lease_seconds, self.cfg.worker.backoff_max)
+        horizon += CLOCK_SLACK_SECONDS
+        with self.db.read() as s:  # idle polls never queue ingest behind the writer lock
+            if not deliveries.any_due(s, now=now, horizon=horizon):
+                return False
         with self.db.session() as s:
             claim = deliveries.claim(
                 s,
@@ -128,8 +133,7 @@ class Worker:
                 now=now,
                 lease_seconds=self.cfg.worker.lease_seconds,
                 capacity=self.capacity,
-                horizon=max(self.cfg.worker.lease_seconds, self.cfg.worker.backoff_max)
-                + CLOCK_SLACK_SECONDS,
+                horizon=horizon,
             )
         if claim is None:
             return False

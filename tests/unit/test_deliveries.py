@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from gateway.errors import TransitionError
 from gateway.ids import new_id
@@ -407,3 +408,55 @@ def test_append_to_open_joins_the_unclaimed_delivery(db: Database) -> None:
     third = append(ids[2])  # the first is claimed: a new delivery starts
     assert third != first
     assert _get(db, third).instance_count == 1
+
+
+def test_any_due_agrees_with_claim_and_reads_without_the_writer(db: Database) -> None:
+    ids = _instances(db, 1)
+    with db.read() as s:
+        assert not deliveries.any_due(s, now=T0)
+    with db.session() as s:
+        deliveries.append_to_open(
+            s,
+            study_instance_uid="1.2.3",
+            route_name="r",
+            destination="pacs",
+            profile="",
+            instance_id=ids[0],
+            now=T0,
+            linger=timedelta(seconds=0.2),
+        )
+    with db.read() as s:  # lingering: not claimable yet, and claim agrees
+        assert not deliveries.any_due(s, now=T0)
+    assert _claim(db, "w1", T0) is None
+    later = T0 + timedelta(seconds=0.2)
+    with db.read() as s:
+        assert deliveries.any_due(s, now=later)
+    # a read neither waits for nor blocks a writer holding the lock in another thread
+    holding, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with db.session() as s:
+            s.execute(update(Delivery).values(updated_at=later))
+            holding.set()
+            release.wait(5)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    seen: list[bool] = []
+
+    def reader() -> None:
+        with db.read() as s:
+            seen.append(deliveries.any_due(s, now=later))
+
+    try:
+        assert holding.wait(5)
+        r = threading.Thread(target=reader)
+        r.start()
+        r.join(5)  # a read that queued on the writer would still be waiting for `release`
+        assert not r.is_alive() and seen == [True]
+    finally:
+        release.set()
+        t.join()
+    assert _claim(db, "w1", later) is not None
+    with db.read() as s:
+        assert not deliveries.any_due(s, now=later)
