@@ -217,6 +217,19 @@ class _GatewayAssociation(Association):
 
     gateway_server: DicomServer | None = None
 
+    def run_reactor(self) -> None:
+        if not self._started_dul:
+            try:
+                self.dul.start()
+            except RuntimeError as exc:  # no thread for the DUL (F18: address space)
+                sock = getattr(self.dul.socket, "socket", None)
+                if self.gateway_server is not None and sock is not None:
+                    self.gateway_server._out_of_resources(sock, None, exc)
+                return
+            self._started_dul = True
+            self._dul_ready.wait()
+        super().run_reactor()
+
     def _serve_request(self, msg: Any, context_id: int) -> None:
         server = self.gateway_server
         if (
@@ -365,6 +378,13 @@ class DicomServer:
         self._on_security_event("out-of-resources")
         with contextlib.suppress(OSError):
             request.sendall(_REJECT_LOCAL_LIMIT)
+            request.shutdown(socket.SHUT_WR)
+            # read what the peer sent (its A-ASSOCIATE-RQ), briefly and bounded: closing with
+            # unread bytes would send a reset that can discard the reject before it is read
+            request.settimeout(0.5)
+            for _ in range(16):
+                if not request.recv(65536):
+                    break
         with contextlib.suppress(OSError):
             request.close()
 
@@ -756,6 +776,8 @@ def failure_status(exc: BaseException, *, unexpected: int) -> tuple[int, str]:
         return st.OUT_OF_RESOURCES, "spool-unavailable"
     if isinstance(exc, IndexError_):
         return st.OUT_OF_RESOURCES, "index-unavailable"
+    if isinstance(exc, MemoryError):  # F18: the address space ran out mid-request
+        return st.OUT_OF_RESOURCES, "out-of-memory"
     return unexpected, "internal-error"
 
 
