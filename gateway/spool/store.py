@@ -81,12 +81,26 @@ class Spool:
         self.objects = root / "objects"
         for d in (self.incoming, self.objects):
             d.mkdir(parents=True, exist_ok=True)
+        self._make_prefix_folders()
         self.probe_interval = probe_interval
         self._monotonic = monotonic
         self._health_lock = threading.Lock()
         self._unhealthy: str | None = None  # the reason, while unhealthy
         self._last_failure = 0.0
         self.on_health: Callable[[bool, str], None] = lambda healthy, reason: None
+
+    def _make_prefix_folders(self) -> None:
+        """Every ``objects/xx`` folder, made once with one fsync of ``objects``: otherwise a
+        fresh spool paid a mkdir and a second folder fsync for most of its first few hundred
+        instances (:meth:`commit` still makes one that has gone missing)."""
+        made = False
+        for i in range(256):
+            folder = self.objects / f"{i:02x}"
+            if not folder.is_dir():
+                folder.mkdir(exist_ok=True)
+                made = True
+        if made:
+            fsync_dir(self.objects)
 
     # --- health (fsyncgate) --------------------------------------------------------------
     @property

@@ -25,6 +25,24 @@ def test_layout_is_created(tmp_path: Path) -> None:
     Spool(tmp_path / "spool")  # idempotent
 
 
+def test_prefix_folders_exist_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    assert sorted(p.name for p in spool.objects.iterdir()) == [f"{i:02x}" for i in range(256)]
+    # a commit into a folder that has gone missing still makes it
+    data = b"DICM" * 10
+    temp = _incoming(spool, data)
+    size, sha = spool.digest(temp)
+    key_folder = spool.objects / "ab"
+    key_folder.rmdir()
+    import gateway.spool.store as store
+
+    monkeypatch.setattr(store, "new_id", lambda: "ab" + "0" * 30)
+    obj = spool.commit(temp, size=size, sha256=sha)
+    assert obj.path.parent == key_folder and obj.path.read_bytes() == data
+
+
 def test_digest(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     data = os.urandom(3 * (1 << 20) + 17)  # several read chunks
