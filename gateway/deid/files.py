@@ -16,7 +16,11 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from gateway.deid.burned_in import CLEAN_PIXEL_DATA_CODE, clean_instance
 from gateway.deid.engine import Report, deidentify
@@ -52,16 +56,46 @@ def deidentify_bytes(
         report.pixels = pixel_report.to_dict()
         if pixel_report.ocr_passed:
             report.method_codes.append(CLEAN_PIXEL_DATA_CODE)
-    buf = BytesIO()
     try:
-        out.save_as(buf, enforce_file_format=True)
+        encoded = encode(out)
     except Exception as exc:  # noqa: BLE001 - fail closed: an unwritable output never leaves
         raise DeidError(f"output cannot be encoded: {type(exc).__name__}") from None
-    encoded = buf.getvalue()
     hits = leak_check(original, encoded, profile=profile)
     if hits:
         raise LeakError(hits)
     return encoded, str(out.SOPInstanceUID), report
+
+
+def encode(out: Dataset) -> bytes:
+    """The DICOM file of the engine's output (preamble, rebuilt file meta, data set).
+
+    What ``save_as(enforce_file_format=True)`` writes, without its deep copy of the file meta
+    (the engine's meta is new and ours to complete): the data set in its transfer syntax's
+    encoding, native pixel data with its length, encapsulated with an undefined one. A deflated
+    or private transfer syntax goes through ``save_as``.
+    """
+    meta = out.file_meta
+    ts = meta.get("TransferSyntaxUID")
+    if (
+        ts is None
+        or ts.is_private
+        or not ts.is_transfer_syntax
+        or ts == DeflatedExplicitVRLittleEndian
+    ):
+        buf = BytesIO()
+        out.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
+    preamble = out.preamble
+    fp.write(preamble if preamble is not None and len(preamble) == 128 else b"\x00" * 128)
+    fp.write(b"DICM")
+    write_file_meta_info(fp, meta, enforce_standard=True)  # validates the meta
+    pixels = out.get_item(0x7FE00010)
+    if pixels is not None:
+        out["PixelData"].is_undefined_length = ts.is_compressed
+    write_dataset(fp, out)
+    return bytes(fp.getvalue())
 
 
 def deidentify_file(

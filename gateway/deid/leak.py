@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from functools import lru_cache
 from io import BytesIO
 from typing import Any
@@ -45,6 +45,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import keyword_dict
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -121,6 +122,12 @@ _CLEAN_OPTIONS = frozenset({"clean_descriptors", "clean_structured_content", "cl
 _VOCABULARY_VRS = frozenset({"CS", "IS", "DS", "UI", "AS", "DA", "TM", "DT"})
 _VOCABULARY_OUT = frozenset({"CS", "AS"})
 _PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{4,}")
+_PLAIN_ASCII = re.compile(rb"[\x00\x09\x0a\x0c\x0d\x20-\x7e]*")
+_RAW_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
+    | {"UR", "UT"}
+)
+_RAW_BYTES_VRS = frozenset({"OB", "OW", "OL", "OV"})
 
 
 @lru_cache(maxsize=1)
@@ -192,7 +199,11 @@ _DUMMY_CANON = frozenset(_canon(v) for v in DUMMY.values() if isinstance(v, str)
 def _exempt_tags(profile: Profile | None) -> tuple[frozenset[int], bool, bool, bool]:
     if profile is None:
         return frozenset(), False, False, False
-    opts = profile.options
+    return _exempt_for_options(profile.options)
+
+
+@lru_cache(maxsize=64)
+def _exempt_for_options(opts: frozenset[str]) -> tuple[frozenset[int], bool, bool, bool]:
     tags = frozenset(
         t for t, r in ROWS.items() if any(r.options.get(o) == "K" for o in opts if o in OPTIONS)
     )
@@ -344,39 +355,68 @@ def _elements(ds: Dataset) -> Iterator[Any]:
                 yield DataElement(tag, "UN", bytes(raw.value or b""))
 
 
-def _searched(ds: Dataset) -> Iterator[Any]:
-    """The output's elements that are searched, converted from their bytes only then:
-    pixel data and binary numbers are never searched, so never converted (an element read
-    in implicit VR has no VR before conversion: it is converted, then checked)."""
+def _searched(ds: Dataset, prefix: str, exact: Container[str]) -> Iterator[tuple[str, str, Any]]:
+    """(path, VR, value) of the output's elements that are searched, at this level.
+
+    Pixel data and binary numbers are never searched, so never converted. A text or byte value
+    read in explicit VR whose bytes are all printable ASCII (no escape, nothing above 0x7F) is
+    taken as its bytes: every character set decodes those bytes to the same characters, and the
+    search ignores padding and separators, so converting it would find exactly the same words.
+    Everything else (implicit VR, UN, any other byte, sequences, and the paths whose exact text
+    is compared with the original's, ``exact``) is converted by pydicom, as before.
+    """
     for tag in list(ds.keys()):
+        t = int(tag)
+        if t in _PIXEL_TAGS:
+            continue
         raw = ds.get_item(tag)
-        if int(tag) in _PIXEL_TAGS or (raw is not None and raw.VR in _NUMERIC_VRS):
+        if raw is None:
             continue
+        vr = raw.VR
+        if vr in _NUMERIC_VRS:
+            continue
+        path = f"{prefix}({t >> 16:04X},{t & 0xFFFF:04X})"
+        value = raw.value
+        if (
+            isinstance(raw, RawDataElement)
+            and isinstance(value, bytes)
+            and (vr in _RAW_TEXT_VRS or vr in _RAW_BYTES_VRS)
+            and path not in exact
+        ):
+            if vr in _RAW_BYTES_VRS:
+                yield path, vr, value
+                continue
+            if _PLAIN_ASCII.fullmatch(value):
+                yield path, vr, value.decode("ascii")
+                continue
         try:
-            yield ds[tag]
+            elem = ds[tag]
         except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes
-            if raw is not None:
-                from pydicom.dataelem import DataElement
-
-                yield DataElement(tag, "UN", bytes(raw.value or b""))
-
-
-def _output_texts(ds: Dataset, prefix: str, out: list[tuple[str, str, str]]) -> None:
-    for elem in _searched(ds):
-        tag = int(elem.tag)
-        vr = elem.VR
-        if tag in _PIXEL_TAGS or vr in _NUMERIC_VRS:
+            yield path, "UN", bytes(raw.value or b"")
             continue
-        path = f"{prefix}({tag >> 16:04X},{tag & 0xFFFF:04X})"
+        if elem.VR in _NUMERIC_VRS:
+            continue  # read in implicit VR: converted, then checked
+        yield path, elem.VR, elem.value
+
+
+def _output_texts(
+    ds: Dataset, prefix: str, out: list[tuple[str, str, str]], exact: Container[str] = ()
+) -> None:
+    for path, vr, value in _searched(ds, prefix, exact):
         if vr == "SQ":
-            for i, item in enumerate(elem.value or []):
-                _output_texts(item, f"{path}[{i}]/", out)
+            for i, item in enumerate(value or []):
+                _output_texts(item, f"{path}[{i}]/", out, exact)
             continue
-        text = _text_of(elem.value)
+        text = value if isinstance(value, str) else _text_of(value)
         if text:
-            if vr in _BYTES_VRS and vr != "UN" and not tag >> 16 & 1:
-                vr = "public-bytes"
-            out.append((path, vr, text.lower()))
+            out.append((path, _search_vr(path, vr), text.lower()))
+
+
+def _search_vr(path: str, vr: str) -> str:
+    """Byte values of public elements are binary data: searched for long needles only."""
+    if vr in _BYTES_VRS and vr != "UN" and not int(path[-10:-6], 16) & 1:
+        return "public-bytes"
+    return vr
 
 
 def _text_of(v: Any) -> str:
@@ -409,8 +449,8 @@ def _hits(
     try:
         meta = getattr(out_ds, "file_meta", None)
         if meta is not None:
-            _output_texts(meta, "meta/", texts)
-        _output_texts(out_ds, "", texts)
+            _output_texts(meta, "meta/", texts, needles.vocabulary)
+        _output_texts(out_ds, "", texts, needles.vocabulary)
     except Exception:  # noqa: BLE001 - an output that does not decode cannot be proven clean
         return [("<output does not decode>", "", "")]
     hits: list[tuple[str, str, str]] = []
