@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -46,8 +47,14 @@ def deidentify_bytes(
     With a profile that has Clean Pixel Data (``[pixels]``), burned-in text is cleaned and
     checked by OCR (``ocr``, default: the process's shared engine) before the output is written.
     """
+    return _deidentify_source(BytesIO(data), profile, key, ocr)
+
+
+def _deidentify_source(
+    src: BinaryIO | str, profile: Profile, key: ProjectKey, ocr: OcrEngine | None
+) -> tuple[bytes, str, Report]:
     try:
-        original = dcmread(BytesIO(data), force=True)
+        original = dcmread(src, force=True)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise DeidError(f"input does not parse as DICOM: {type(exc).__name__}") from None
     out, report = deidentify(original, profile, key)
@@ -108,10 +115,11 @@ def deidentify_file(
 ) -> DeidResult:
     """De-identify the file ``src`` into ``out_dir/<new SOP Instance UID>.dcm``."""
     try:
-        data = Path(src).read_bytes()
+        source = Path(src).open("rb")
     except OSError as exc:
         raise DeidError(f"cannot read input: {exc.strerror}") from None
-    encoded, uid, report = deidentify_bytes(data, profile, key, ocr=ocr)
+    with source:  # read by pydicom from the file: no copy of the whole file in memory first
+        encoded, uid, report = _deidentify_source(source, profile, key, ocr)
     target_dir = Path(out_dir)
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{uid}.dcm"

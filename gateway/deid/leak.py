@@ -122,6 +122,7 @@ _CLEAN_OPTIONS = frozenset({"clean_descriptors", "clean_structured_content", "cl
 _VOCABULARY_VRS = frozenset({"CS", "IS", "DS", "UI", "AS", "DA", "TM", "DT"})
 _VOCABULARY_OUT = frozenset({"CS", "AS"})
 _PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{4,}")
+_DEFER = 64 * 1024
 _PLAIN_ASCII = re.compile(rb"[\x00\x09\x0a\x0c\x0d\x20-\x7e]*")
 _RAW_TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
@@ -233,7 +234,7 @@ def collect(original: Dataset, *, profile: Profile | None = None) -> Needles:
                     n.add(w, "text")
 
     def walk(ds: Dataset, prefix: str) -> None:
-        for elem in _elements(ds):
+        for elem in _elements(ds, exempt):
             tag = int(elem.tag)
             vr = elem.VR
             if vr in _VOCABULARY_OUT or tag in _NON_IDENTIFYING_TAGS:
@@ -343,12 +344,52 @@ def _is_safe(ds: Dataset, tag: int) -> bool:
     return (tag >> 16, name, elem & 0xFF) in SAFE_PRIVATE
 
 
-def _elements(ds: Dataset) -> Iterator[Any]:
+class _Plain:
+    """An original's element read in explicit VR whose value is printable ASCII, with its
+    values split as pydicom would split them, without pydicom's conversion (same text)."""
+
+    __slots__ = ("VR", "tag", "value")
+
+    def __init__(self, tag: int, vr: str, value: Any) -> None:
+        self.tag = tag
+        self.VR = vr
+        self.value = value
+
+
+_SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
+_SKIPPED_VRS = _NUMERIC_VRS | {"TM", "AS"}
+
+
+def _elements(ds: Dataset, exempt: Container[int] = ()) -> Iterator[Any]:
+    """The elements of one level of an original, converted by pydicom only when needed:
+    values never read (numbers, times) and plain ASCII text are taken from their bytes;
+    coded and defined values (compared exactly), UN, implicit VR, sequences and anything
+    else are converted."""
     for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+            t = int(tag)
+            vr = raw.VR
+            if (
+                vr is not None
+                and vr not in _VOCABULARY_OUT
+                and t not in _NON_IDENTIFYING_TAGS
+                and t not in exempt
+            ):
+                if vr in _SKIPPED_VRS:
+                    yield _Plain(t, vr, None)
+                    continue
+                if vr in _RAW_BYTES_VRS:
+                    yield _Plain(t, vr, raw.value)
+                    continue
+                if vr in _RAW_TEXT_VRS and _PLAIN_ASCII.fullmatch(raw.value):
+                    text = raw.value.decode("ascii").rstrip(" \x00")
+                    value: Any = text if vr in _SINGLE_TEXT_VRS else text.split("\\")
+                    yield _Plain(t, vr, value)
+                    continue
         try:
             yield ds[tag]
         except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes
-            raw = ds.get_item(tag)
             if raw is not None:
                 from pydicom.dataelem import DataElement
 
@@ -391,8 +432,10 @@ def _searched(ds: Dataset, prefix: str, exact: Container[str]) -> Iterator[tuple
                 continue
         try:
             elem = ds[tag]
-        except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes
-            yield path, "UN", bytes(raw.value or b"")
+        except Exception:  # an undecodable element is searched as raw bytes
+            if value is None and isinstance(raw, RawDataElement) and raw.length:
+                raise  # a deferred value that cannot be read: the output cannot be proven clean
+            yield path, "UN", bytes(value or b"")
             continue
         if elem.VR in _NUMERIC_VRS:
             continue  # read in implicit VR: converted, then checked
@@ -440,7 +483,9 @@ def _hits(
     out_ds: Dataset
     if isinstance(output, bytes | bytearray):
         try:
-            out_ds = dcmread(BytesIO(bytes(output)), force=True)
+            # values over 64 KiB (pixel data) stay in the buffer until read: pixel data is not
+            # searched, anything else is read when it is searched
+            out_ds = dcmread(BytesIO(bytes(output)), force=True, defer_size=_DEFER)
         except Exception:  # noqa: BLE001 - an output that does not parse cannot be proven clean
             return [("<output does not parse>", "", "")]
     else:
