@@ -10,6 +10,7 @@ output file behind.
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from dataclasses import dataclass
 from io import BytesIO
@@ -17,10 +18,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.charset import default_encoding
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
+from pydicom.tag import tag_in_exception
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from gateway.deid.burned_in import CLEAN_PIXEL_DATA_CODE, clean_instance
@@ -99,10 +103,73 @@ def encode(out: Dataset) -> bytes:
     fp.write(b"DICM")
     write_file_meta_info(fp, meta, enforce_standard=True)  # validates the meta
     pixels = out.get_item(0x7FE00010)
-    if pixels is not None:
+    if pixels is not None and not (
+        isinstance(pixels, RawDataElement)
+        and pixels.VR in ("OB", "OW")
+        and (pixels.length == UNDEFINED_LENGTH) == bool(ts.is_compressed)
+    ):
         out["PixelData"].is_undefined_length = ts.is_compressed
+    if (ts.is_implicit_VR, ts.is_little_endian) == (False, True) == out.original_encoding and (
+        out.original_character_set == out._character_set
+    ):
+        chunks = _explicit_le_chunks(out)
+        if chunks is not None:
+            return b"".join([fp.getvalue(), *chunks])
     write_dataset(fp, out)
     return bytes(fp.getvalue())
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_LENGTH_32 = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+
+
+def _explicit_le_chunks(ds: Dataset) -> list[bytes] | None:
+    """``write_dataset`` of a data set read in Explicit VR Little Endian, to the same encoding.
+
+    Elements still as read (raw, defined length, a two-letter VR, a value that fits its length
+    field) are copied with their header rebuilt, the bytes pydicom's writer would produce for
+    them; every other element (new values, sequences, undefined lengths) goes through
+    ``write_data_element``. The value bytes are joined once (pixel data copied once).
+    """
+    chunks: list[bytes] = []
+    encoding = ds.get("SpecificCharacterSet", default_encoding)
+    for tag in sorted(ds.keys()):
+        if tag & 0xFFFF == 0 and tag >> 16 > 6:
+            continue  # retired group lengths are not written (PS3.5 7.2)
+        elem = ds.get_item(tag)
+        if elem is None:
+            continue
+        vr = elem.VR
+        value = elem.value
+        if (
+            isinstance(elem, RawDataElement)
+            and isinstance(value, bytes)
+            and vr is not None
+            and len(vr) == 2
+            and elem.length != UNDEFINED_LENGTH
+        ):
+            n = len(value)
+            if vr in _LENGTH_32:
+                head = _LONG.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), n)
+                chunks += (head, value)
+                continue
+            if n <= 0xFFFF:
+                chunks += (_SHORT.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), n), value)
+                continue
+        if vr is None or len(vr) != 2:
+            return None  # an ambiguous or unknown VR: pydicom's write_dataset resolves it
+        buf = DicomBytesIO()
+        buf.is_implicit_VR, buf.is_little_endian = False, True
+        with tag_in_exception(tag):
+            write_data_element(buf, elem, encoding)
+        chunks.append(buf.getvalue())
+    return chunks
+
+
+_LONG = struct.Struct("<HH2s2xI")
+_SHORT = struct.Struct("<HH2sH")
 
 
 def deidentify_file(
