@@ -29,6 +29,8 @@ _POSITIVE_KEYS = frozenset(
         "max_associations",
         "max_associations_per_address",
         "max_connections",
+        "max_connections_per_address",
+        "max_instance_bytes",
         "acse_timeout",
         "dimse_timeout",
         "network_timeout",

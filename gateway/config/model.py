@@ -65,6 +65,8 @@ class DicomConfig:
     max_associations: int = 16
     max_associations_per_address: int = 8
     max_connections: int = 64
+    max_connections_per_address: int = 32
+    max_instance_bytes: int = 4294967296
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0

@@ -14,8 +14,9 @@ as the transport closing.
 
 :class:`GuardedDIMSE` bounds what the PDUs add up to: a DIMSE message held in memory (the
 command set; a data set that is not a C-STORE's, such as a C-FIND identifier) may grow to
-``MAX_COMMAND_SET`` / ``MAX_IN_MEMORY_DATASET`` bytes, so a message whose last fragment never
-comes is aborted (FAULTS_AND_ATTACKS A7), and a message pynetdicom cannot decode (no command
+``MAX_COMMAND_SET`` / ``MAX_IN_MEMORY_DATASET`` bytes, and a C-STORE data set (written to its
+receive file) ``max_instance_bytes``, so a message whose last fragment never comes is aborted
+(FAULTS_AND_ATTACKS A7), and a message pynetdicom cannot decode (no command
 field, a garbage command set) is aborted instead of killing pynetdicom's reactor thread and
 dropping the connection without an answer.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import socket
 import struct
@@ -176,6 +178,12 @@ class GuardedDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with bounded in-memory messages and decoding errors
     turned into an A-ABORT (through the association's :class:`GuardedSocket`)."""
 
+    def __init__(self, assoc: Any, *, max_instance_bytes: int = 0) -> None:
+        """``max_instance_bytes``: the most a C-STORE's data set (written to its receive
+        file as it arrives) may bring; 0 for no cap."""
+        super().__init__(assoc)
+        self.max_instance_bytes = max_instance_bytes
+
     def receive_primitive(self, primitive: Any) -> None:
         try:
             super().receive_primitive(primitive)
@@ -186,10 +194,21 @@ class GuardedDIMSE(DIMSEServiceProvider):
         if message is None:
             return
         command = message.encoded_command_set.tell()
-        in_memory = getattr(message, "_data_set_file", None) is None
-        data = message.data_set.tell() if in_memory and message.data_set is not None else 0
-        if command > MAX_COMMAND_SET or data > MAX_IN_MEMORY_DATASET:
+        receive_file = getattr(message, "_data_set_file", None)
+        if receive_file is None:
+            data = message.data_set.tell() if message.data_set is not None else 0
+            if command > MAX_COMMAND_SET or data > MAX_IN_MEMORY_DATASET:
+                self._refuse("dimse-message-too-large")
+            return
+        received = getattr(receive_file, "received", 0)
+        if command > MAX_COMMAND_SET:
             self._refuse("dimse-message-too-large")
+        elif self.max_instance_bytes and received > self.max_instance_bytes:
+            self._refuse("instance-too-large")
+            # the partial receive file goes now (pynetdicom keeps it: delete=False)
+            with contextlib.suppress(OSError):
+                receive_file.close()
+                os.unlink(receive_file.name)
 
     def _refuse(self, reason: str) -> None:
         self.message = None  # what was buffered goes now, not when the association ends

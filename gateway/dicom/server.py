@@ -217,7 +217,16 @@ class _GatewayAssociation(Association):
 
     gateway_server: DicomServer | None = None
 
+    gateway_address: str | None = None  # counted against max_connections_per_address
+
     def run_reactor(self) -> None:
+        try:
+            self._start_and_run()
+        finally:  # the connection this association was is over
+            if self.gateway_server is not None and self.gateway_address is not None:
+                self.gateway_server._connection_handled(self.gateway_address)
+
+    def _start_and_run(self) -> None:  # not _run_reactor: pynetdicom has one
         if not self._started_dul:
             try:
                 self.dul.start()
@@ -343,6 +352,10 @@ class DicomServer:
         self._handshaking = 0  # TLS connections not yet through their handshake
         self.stopping = False  # set by stop(): new associations are refused, transient
         self._handshaking_lock = threading.Lock()
+        # open connections per address (from accept until the handler or the association
+        # thread ends), bounded by max_connections_per_address
+        self._pending: dict[str, int] = {}
+        self._pending_lock = threading.Lock()
         configure_pynetdicom(incoming_dir, spool=spool)
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = cfg.max_pdu_size
@@ -367,6 +380,24 @@ class DicomServer:
         if self._tls_server is None:
             return None
         return int(self._tls_server.server_address[1])
+
+    def _open_connection(self, address: str) -> bool:
+        """Count a new connection from ``address`` unless the address already holds
+        ``max_connections_per_address`` (so one host cannot take every connection)."""
+        with self._pending_lock:
+            held = self._pending.get(address, 0)
+            if held >= self.cfg.max_connections_per_address:
+                return False
+            self._pending[address] = held + 1
+            return True
+
+    def _connection_handled(self, address: str) -> None:
+        with self._pending_lock:
+            left = self._pending.get(address, 0) - 1
+            if left > 0:
+                self._pending[address] = left
+            else:
+                self._pending.pop(address, None)
 
     def _out_of_resources(self, request: Any, client_address: Any, exc: BaseException) -> None:
         """A connection the node has no thread (memory) for: A-ASSOCIATE-RJ transient, local
@@ -393,8 +424,19 @@ class DicomServer:
 
         class Handler(RequestHandler):
             certificate_names: frozenset[str] | None = None
+            handed_over = False
 
             def handle(self) -> None:
+                # the connection was counted for its address when accepted; the count goes
+                # with the association thread once that starts, else it ends here
+                self.handed_over = False
+                try:
+                    self._handle()
+                finally:
+                    if not self.handed_over:
+                        server_self._connection_handled(str(self.client_address[0]))
+
+            def _handle(self) -> None:
                 context = getattr(self.server, "gateway_tls_context", None)
                 if context is not None:
                     tls = server_self._handshake(context, self.request, self.client_address)
@@ -403,20 +445,25 @@ class DicomServer:
                     self.request = tls
                     self.certificate_names = certificate_names(tls.getpeercert())
                 try:
-                    super().handle()
+                    super().handle()  # makes the association and starts its thread
                 except RuntimeError as exc:  # no thread for the association (F18: memory)
+                    self.handed_over = False  # its thread never ran
                     server_self._out_of_resources(self.request, self.client_address, exc)
 
             def _create_association(self) -> Any:
                 # pynetdicom's RequestHandler._create_association, with our socket and ACSE
                 assoc = _GatewayAssociation(self.ae, MODE_ACCEPTOR)
                 assoc.gateway_server = server_self
+                assoc.gateway_address = str(self.client_address[0])
+                self.handed_over = True  # started next by RequestHandler.handle, or raises
                 assoc._server = self.server
                 assoc.name = f"AcceptorThread@{new_id()[:8]}"
                 assoc.gateway_id = new_id()[:16]  # type: ignore[attr-defined]
                 assoc.gateway_certificate_names = self.certificate_names  # type: ignore[attr-defined]
                 assoc.acse = _GatewayACSE(assoc, server_self)
-                assoc.dimse = GuardedDIMSE(assoc)
+                assoc.dimse = GuardedDIMSE(
+                    assoc, max_instance_bytes=server_self.cfg.max_instance_bytes
+                )
                 assoc.dul.state_machine = GuardedStateMachine(assoc.dul)
                 with contextlib.suppress(OSError):
                     self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -464,6 +511,11 @@ class DicomServer:
                     server_self._on_security_event("connection-limit")
                     self.shutdown_request(request)
                     return
+                address = str(client_address[0])
+                if not server_self._open_connection(address):
+                    server_self._on_security_event("connection-limit-per-address")
+                    self.shutdown_request(request)
+                    return
                 if self.gateway_tls_context is not None:
                     with server_self._handshaking_lock:
                         server_self._handshaking += 1  # until _handshake ends
@@ -473,6 +525,7 @@ class DicomServer:
                     if self.gateway_tls_context is not None:
                         with server_self._handshaking_lock:
                             server_self._handshaking -= 1
+                    server_self._connection_handled(address)
                     server_self._out_of_resources(request, client_address, exc)
 
         handlers: list[Any] = [
@@ -852,6 +905,7 @@ class _ReceiveBuffer:
         self.name: str = self._f.name
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error: OSError | None = None
+        self.received = 0  # data set bytes so far (GuardedDIMSE caps it)
         self._envelope: EnvelopeWriter | None = None
         if _receive_kek is not None:
             kek = _receive_kek
@@ -866,6 +920,7 @@ class _ReceiveBuffer:
                 self.error = exc
 
     def write(self, data: bytes) -> int:
+        self.received += len(data)
         sink = self._envelope if self._envelope is not None else self._f
         self._guard(lambda: sink.write(data))
         return len(data)
