@@ -27,7 +27,7 @@ from typing import Any
 
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -61,6 +61,7 @@ _MARKER_TAGS = (0x00120062, 0x00120063, 0x00120064, 0x00280303)
 _DATE_VRS = frozenset({"DA", "DT"})
 _SWEEP_TEXT = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "AE"})
 _WELL_KNOWN_UIDS = frozenset(UID_dictionary)
+_VALUE_UNREAD = frozenset({"Z", "D", "PNAME", "REPLACE"})  # actions that never read the value
 
 
 @dataclass(frozen=True)
@@ -392,6 +393,19 @@ class Engine:
                 for i, item in enumerate(elem.value or [])
             ]
             return DataElement(btag, "SQ", Sequence(items))
+        raw = ds.get_item(btag)
+        if (
+            code in _VALUE_UNREAD
+            and isinstance(raw, RawDataElement)
+            and raw.VR is not None
+            and raw.VR not in ("UN", "SQ")
+            and len(raw.VR) == 2
+            and not (code == "D" and raw.VR == "UI")
+        ):
+            # the action writes a value of the element's VR without reading the old one: the
+            # VR read in explicit VR is the VR pydicom's conversion would give, so the value
+            # is never converted
+            return self._unread(btag, raw.VR, d, code, st)
         elem = ds[btag]
         vr = elem.VR if elem.VR != "UN" or vr == "UN" else vr
         if code == "Z":
@@ -420,6 +434,16 @@ class Engine:
         if code == "C":
             return self._clean(elem, vr, st, ds)
         raise DeidError(f"{path}: unknown action {code}")
+
+    def _unread(self, btag: BaseTag, vr: str, d: Decision, code: str, st: _Instance) -> DataElement:
+        if code == "Z":
+            return DataElement(btag, vr, values.empty_value(vr))
+        if code == "D":
+            return DataElement(btag, vr, values.DUMMY[vr])
+        if code == "PNAME":
+            fmt = self.profile.patient_name_format
+            return DataElement(btag, vr, self.key.pseudonym("patient-name", st.patient_key, fmt))
+        return DataElement(btag, vr, _typed(vr, d.value or ""))  # REPLACE
 
     def _clean(self, elem: DataElement, vr: str, st: _Instance, ds: Dataset) -> DataElement | None:
         v = elem.value
