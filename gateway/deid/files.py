@@ -101,7 +101,11 @@ def encode(out: Dataset) -> bytes:
     preamble = out.preamble
     fp.write(preamble if preamble is not None and len(preamble) == 128 else b"\x00" * 128)
     fp.write(b"DICM")
-    write_file_meta_info(fp, meta, enforce_standard=True)  # validates the meta
+    meta_bytes = _meta_bytes(meta)
+    if meta_bytes is None:
+        write_file_meta_info(fp, meta, enforce_standard=True)  # validates the meta
+    else:
+        fp.write(meta_bytes)
     pixels = out.get_item(0x7FE00010)
     if pixels is not None and not (
         isinstance(pixels, RawDataElement)
@@ -120,6 +124,40 @@ def encode(out: Dataset) -> bytes:
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+_META_REQUIRED = (0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012)
+
+
+def _meta_bytes(meta: Dataset) -> bytes | None:
+    """The engine's file meta (PS3.10 7.1) in Explicit VR Little Endian with its group length:
+    what ``write_file_meta_info(enforce_standard=True)`` writes for it, or None (then that
+    writes it) when an element is not a plain ASCII UI, SH or OB value or one is missing."""
+    body: list[bytes] = []
+    present = set()
+    for tag in sorted(meta.keys()):
+        if tag == 0x00020000:
+            continue
+        elem = meta.get_item(tag)
+        if elem is None or isinstance(elem, RawDataElement) or tag >> 16 != 2:
+            return None
+        vr, value = elem.VR, elem.value
+        if vr == "OB" and isinstance(value, bytes):
+            data = value + b"\x00" * (len(value) & 1)
+            body.append(_LONG.pack(2, tag & 0xFFFF, b"OB", len(data)) + data)
+        elif vr in ("UI", "SH") and isinstance(value, str) and value.isascii() and value:
+            data = value.encode("ascii")
+            data += (b"\x00" if vr == "UI" else b" ") * (len(data) & 1)
+            if len(data) > 64:
+                return None
+            body.append(_SHORT.pack(2, tag & 0xFFFF, vr.encode("ascii"), len(data)) + data)
+        else:
+            return None
+        present.add(int(tag))
+    if any(t not in present for t in _META_REQUIRED):
+        return None
+    joined = b"".join(body)
+    return _SHORT.pack(2, 0, b"UL", 4) + struct.pack("<I", len(joined)) + joined
+
+
 _LENGTH_32 = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
