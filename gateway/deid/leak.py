@@ -44,13 +44,17 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
+from pydicom.charset import default_encoding
 from pydicom.datadict import keyword_dict
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, AllTransferSyntaxes
 from pydicom.valuerep import PersonName
 
 from gateway.deid.profiles import Profile
+from gateway.deid.scan import searched_values
 from gateway.deid.table import OPTIONS, ROWS, SAFE_PRIVATE
 from gateway.deid.values import DUMMY
 
@@ -123,6 +127,11 @@ _VOCABULARY_VRS = frozenset({"CS", "IS", "DS", "UI", "AS", "DA", "TM", "DT"})
 _VOCABULARY_OUT = frozenset({"CS", "AS"})
 _PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{4,}")
 _DEFER = 64 * 1024
+_EXPLICIT_LE_SYNTAXES = frozenset(
+    str(ts).encode("ascii")
+    for ts in map(UID, AllTransferSyntaxes)
+    if not ts.is_implicit_VR and ts.is_little_endian and not ts.is_deflated
+)
 _PLAIN_ASCII = re.compile(rb"[\x00\x09\x0a\x0c\x0d\x20-\x7e]*")
 _RAW_TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
@@ -428,7 +437,7 @@ def _searched(ds: Dataset, prefix: str, exact: Container[str]) -> Iterator[tuple
                 yield path, vr, value
                 continue
             if _PLAIN_ASCII.fullmatch(value):
-                yield path, vr, value.decode("ascii")
+                yield path, vr, value.decode("ascii").rstrip(" \x00")
                 continue
         try:
             elem = ds[tag]
@@ -480,6 +489,50 @@ def _hits(
 ) -> list[tuple[str, str, str]]:
     """(path, category, needle) per hit; the needle is patient data: never log or return it."""
     needles = collect(original, profile=profile)
+    texts: list[tuple[str, str, str]] | None = None
+    if isinstance(output, bytes | bytearray):
+        found = searched_values(bytes(output), _EXPLICIT_LE_SYNTAXES)
+        if found is not None:
+            texts = _found_texts(found, needles.vocabulary)
+    if texts is None:
+        texts_or_hit = _pydicom_texts(output, needles)
+        if isinstance(texts_or_hit, tuple):
+            return [texts_or_hit]
+        texts = texts_or_hit
+    return _search(texts, needles)
+
+
+def _found_texts(
+    found: list[tuple[str, str, bytes]], exact: Container[str]
+) -> list[tuple[str, str, str]] | None:
+    """The searched texts of a file walked by :mod:`gateway.deid.scan`, as ``_output_texts``
+    makes them from pydicom's data set, or None when a value needs pydicom's conversion
+    (text that is not plain ASCII): then the caller parses with pydicom."""
+    texts: list[tuple[str, str, str]] = []
+    for path, vr, value in found:
+        if vr in _NUMERIC_VRS:
+            continue
+        tag = int(path[-10:-6], 16) << 16 | int(path[-5:-1], 16)
+        if tag in _PIXEL_TAGS:
+            continue
+        if vr in _RAW_BYTES_VRS:
+            text = value.decode("latin-1")
+        elif vr in _RAW_TEXT_VRS and _PLAIN_ASCII.fullmatch(value):
+            if path in exact:  # compared exactly with the original: pydicom's own text
+                raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
+                text = _text_of(convert_raw_data_element(raw, encoding=default_encoding).value)
+            else:
+                text = value.decode("ascii").rstrip(" \x00")
+        else:
+            return None
+        if text:
+            texts.append((path, _search_vr(path, vr), text.lower()))
+    return texts
+
+
+def _pydicom_texts(
+    output: Dataset | bytes, needles: Needles
+) -> list[tuple[str, str, str]] | tuple[str, str, str]:
     out_ds: Dataset
     if isinstance(output, bytes | bytearray):
         try:
@@ -487,7 +540,7 @@ def _hits(
             # searched, anything else is read when it is searched
             out_ds = dcmread(BytesIO(bytes(output)), force=True, defer_size=_DEFER)
         except Exception:  # noqa: BLE001 - an output that does not parse cannot be proven clean
-            return [("<output does not parse>", "", "")]
+            return ("<output does not parse>", "", "")
     else:
         out_ds = output
     texts: list[tuple[str, str, str]] = []
@@ -497,7 +550,11 @@ def _hits(
             _output_texts(meta, "meta/", texts, needles.vocabulary)
         _output_texts(out_ds, "", texts, needles.vocabulary)
     except Exception:  # noqa: BLE001 - an output that does not decode cannot be proven clean
-        return [("<output does not decode>", "", "")]
+        return ("<output does not decode>", "", "")
+    return texts
+
+
+def _search(texts: list[tuple[str, str, str]], needles: Needles) -> list[tuple[str, str, str]]:
     hits: list[tuple[str, str, str]] = []
     starts: list[int] = []
     parts: list[str] = []
