@@ -1,9 +1,9 @@
 """A minimal walk of an encoded Explicit VR Little Endian file, for the leak gate.
 
 ``searched_values(data)`` lists (path, VR, value bytes) of every element at every depth (file
-meta as ``meta/...``, sequence items as ``(gggg,eeee)[i]/...``) in file order, without pydicom's
-data sets: the leak gate reads the engine's output once per instance and pydicom's reader costs
-more than the search. It knows only what the engine writes; anything else (another transfer
+meta as ``meta/...``, sequence items as ``(gggg,eeee)[i]/...``; pixel data, which the gate does
+not search, left out) in file order, without pydicom's data sets: the leak gate reads the
+engine's output once per instance and pydicom's reader costs more than the search. It knows only what the engine writes; anything else (another transfer
 syntax, a VR it does not know, a UN or undefined length other than a sequence's or encapsulated
 pixel data's, group 0002 outside the file meta, a length that runs past its container, trailing
 bytes) returns None, and the gate parses the output with pydicom instead: never a shortcut to
@@ -27,6 +27,7 @@ _SHORT_VRS = frozenset(
 )
 _EXPLICIT_LE = b"1.2.840.10008.1.2.1"
 _PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset({_PIXEL_DATA, 0x7FE00008, 0x7FE00009})  # (float, double) pixel data
 
 Found = list[tuple[str, str, bytes]]
 
@@ -110,7 +111,8 @@ def _walk(data: bytes, pos: int, end: int, prefix: str, found: Found, *, top: bo
                 raise _Unknown
             pos = _fragments(data, pos, end)
             continue
-        found.append((path, vr, data[pos : pos + length]))
+        if tag not in _PIXEL_TAGS:  # pixel data is never searched: not copied either
+            found.append((path, vr, data[pos : pos + length]))
         pos += length
     return pos
 
