@@ -310,10 +310,12 @@ class Engine:
         creators: list[int] = []
         kept_blocks: set[tuple[int, int]] = set()
         cache = st.cache
-        for btag in list(ds.keys()):
+        out_dict = out._dict
+        for btag, raw in list(ds._dict.items()):
             tag = int(btag)
             try:
-                raw = ds.get_item(btag)
+                if isinstance(raw, RawDataElement) and raw.value is None:
+                    raw = ds.get_item(btag)  # no value (deferred or empty): as get_item does
                 if raw is None:
                     continue
                 vr = _effective_vr(tag, raw.VR)
@@ -339,7 +341,10 @@ class Engine:
                 elif code in ("K", "KEEP") and vr != "SQ":
                     # raw elements pass through as read; implicit ones are decoded so the writer
                     # knows their VR
-                    out[btag] = raw if raw.VR is not None else ds[btag]
+                    if isinstance(raw, RawDataElement) and raw.VR is not None and not tag >> 16 & 1:
+                        out_dict[btag] = raw  # all Dataset.__setitem__ does for a public raw one
+                    else:
+                        out[btag] = raw if raw.VR is not None else ds[btag]
                     if code == "KEEP":
                         st.report.actions.append((prefix + _tag_text(tag), d.rule, "keep"))
                 else:

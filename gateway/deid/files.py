@@ -173,10 +173,11 @@ def _explicit_le_chunks(ds: Dataset) -> list[bytes] | None:
     """
     chunks: list[bytes] = []
     encoding = ds.get("SpecificCharacterSet", default_encoding)
-    for tag in sorted(ds.keys()):
+    for tag, elem in sorted(ds._dict.items()):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
             continue  # retired group lengths are not written (PS3.5 7.2)
-        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement) and elem.value is None:
+            elem = ds.get_item(tag)  # no value (deferred or empty): as get_item does
         if elem is None:
             continue
         vr = elem.VR

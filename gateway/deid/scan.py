@@ -3,11 +3,11 @@
 ``searched_values(data)`` lists (path, VR, value bytes) of every element at every depth (file
 meta as ``meta/...``, sequence items as ``(gggg,eeee)[i]/...``; pixel data, which the gate does
 not search, left out) in file order, without pydicom's data sets: the leak gate reads the
-engine's output once per instance and pydicom's reader costs more than the search. It knows only what the engine writes; anything else (another transfer
-syntax, a VR it does not know, a UN or undefined length other than a sequence's or encapsulated
-pixel data's, group 0002 outside the file meta, a length that runs past its container, trailing
-bytes) returns None, and the gate parses the output with pydicom instead: never a shortcut to
-"clean".
+engine's output once per instance and pydicom's reader costs more than the search. It knows
+only what the engine writes; anything else (another transfer syntax, a VR it does not know, a
+UN or undefined length other than a sequence's or encapsulated pixel data's, group 0002
+outside the file meta, a length that runs past its container, trailing bytes) returns None,
+and the gate parses the output with pydicom instead: never a shortcut to "clean".
 """
 
 from __future__ import annotations
