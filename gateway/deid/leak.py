@@ -366,6 +366,9 @@ class _Plain:
 
 
 _SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
+# CS is converted by pydicom's convert_string: trailing spaces and NULs stripped, then split at
+# backslashes; joined again that is the stripped text, so plain ASCII CS needs no conversion
+# even where it is compared exactly (vocabulary)
 _SKIPPED_VRS = _NUMERIC_VRS | {"TM", "AS"}
 
 
@@ -379,12 +382,7 @@ def _elements(ds: Dataset, exempt: Container[int] = ()) -> Iterator[Any]:
         if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
             t = int(tag)
             vr = raw.VR
-            if (
-                vr is not None
-                and vr not in _VOCABULARY_OUT
-                and t not in _NON_IDENTIFYING_TAGS
-                and t not in exempt
-            ):
+            if vr is not None and vr != "AS" and t not in _NON_IDENTIFYING_TAGS and t not in exempt:
                 if vr in _SKIPPED_VRS:
                     yield _Plain(t, vr, None)
                     continue
@@ -518,7 +516,7 @@ def _found_texts(
         if vr in _RAW_BYTES_VRS:
             text = value.decode("latin-1")
         elif vr in _RAW_TEXT_VRS and _PLAIN_ASCII.fullmatch(value):
-            if path in exact:  # compared exactly with the original: pydicom's own text
+            if path in exact and vr != "CS":  # compared exactly: pydicom's own text
                 raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
                 text = _text_of(convert_raw_data_element(raw, encoding=default_encoding).value)
             else:
