@@ -510,21 +510,22 @@ class Engine:
             rep.longitudinal_temporal_information = "MODIFIED"
         elif "retain_longitudinal_full_dates" in rep.options_acted:
             rep.longitudinal_temporal_information = "UNMODIFIED"
-        out.PatientIdentityRemoved = "YES"
-        out.DeidentificationMethod = [
+        _put(out, 0x00120062, "CS", "YES")  # Patient Identity Removed
+        method = [
             f"dicom-gateway profile {self.profile.name}"[:64],
             f"PS3.15 {EDITION} Table E.1-1",
             f"key {self.key.key_id}",
         ]
+        _put(out, 0x00120063, "LO", method)  # De-identification Method
         seq = []
         for c in codes:
             item = Dataset()
-            item.CodeValue = c.code_value
-            item.CodingSchemeDesignator = c.coding_scheme_designator
-            item.CodeMeaning = c.code_meaning
+            _put(item, 0x00080100, "SH", c.code_value)
+            _put(item, 0x00080102, "SH", c.coding_scheme_designator)
+            _put(item, 0x00080104, "LO", c.code_meaning)
             seq.append(item)
         out.DeidentificationMethodCodeSequence = Sequence(seq)
-        out.LongitudinalTemporalInformationModified = rep.longitudinal_temporal_information
+        _put(out, 0x00280303, "CS", rep.longitudinal_temporal_information)
 
     def _file_meta(self, ds: Dataset, out: Dataset) -> FileMetaDataset:
         sop_class = out.get("SOPClassUID")
@@ -540,13 +541,20 @@ class Engine:
             else:
                 ts = str(ExplicitVRLittleEndian if little in (True, None) else ExplicitVRBigEndian)
         meta = FileMetaDataset()
-        meta.FileMetaInformationVersion = b"\x00\x01"
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_instance
-        meta.TransferSyntaxUID = UID(str(ts))
-        meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        _put(meta, 0x00020001, "OB", b"\x00\x01")  # File Meta Information Version
+        _put(meta, 0x00020002, "UI", sop_class)  # Media Storage SOP Class UID
+        _put(meta, 0x00020003, "UI", sop_instance)  # Media Storage SOP Instance UID
+        _put(meta, 0x00020010, "UI", UID(str(ts)))  # Transfer Syntax UID
+        _put(meta, 0x00020012, "UI", UID(IMPLEMENTATION_CLASS_UID))
+        _put(meta, 0x00020013, "SH", IMPLEMENTATION_VERSION_NAME)
         return meta
+
+
+def _put(ds: Dataset, tag: int, vr: str, value: Any) -> None:
+    """``ds.Keyword = value`` for a public, non-sequence, non-pixel element of the dictionary's
+    VR, without the keyword lookup: all Dataset.__setitem__ does for such an element is store
+    it (FileMetaDataset's only checks that the tag is in group 0002)."""
+    ds._dict[BaseTag(tag)] = DataElement(tag, vr, value)
 
 
 def _creator(ds: Dataset, tag: int) -> str | None:
