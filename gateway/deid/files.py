@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.tag import tag_in_exception
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
@@ -199,12 +200,47 @@ def _explicit_le_chunks(ds: Dataset) -> list[bytes] | None:
                 continue
         if vr is None or len(vr) != 2:
             return None  # an ambiguous or unknown VR: pydicom's write_dataset resolves it
+        data = _plain_text(value, vr) if vr in _PLAIN_TEXT_VRS else None
+        if data is not None:
+            n = len(data)
+            if vr in _LENGTH_32:
+                chunks += (_LONG.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), n), data)
+                continue
+            if n <= 0xFFFF:
+                chunks += (_SHORT.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), n), data)
+                continue
         buf = DicomBytesIO()
         buf.is_implicit_VR, buf.is_little_endian = False, True
         with tag_in_exception(tag):
             write_data_element(buf, elem, encoding)
         chunks.append(buf.getvalue())
     return chunks
+
+
+# VRs pydicom writes as their text joined by backslashes, padded to even length with a space
+# (UI: NUL), in the data set's character set (the same bytes for ASCII text)
+_PLAIN_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
+
+
+def _plain_text(value: object, vr: str) -> bytes | None:
+    """The bytes pydicom writes for a new text value of ``vr``, or None when it is not plain
+    ASCII text (numbers, dates as objects, non-ASCII: pydicom writes those)."""
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, MultiValue | list) and value and all(isinstance(v, str) for v in value):
+        text = "\\".join(value)
+    else:
+        return None
+    if not text.isascii():
+        return None
+    data = text.encode("ascii")
+    if len(data) & 1:
+        data += b"\x00" if vr == "UI" else b" "
+    return data
 
 
 _LONG = struct.Struct("<HH2s2xI")
