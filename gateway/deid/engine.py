@@ -310,12 +310,10 @@ class Engine:
         creators: list[int] = []
         kept_blocks: set[tuple[int, int]] = set()
         cache = st.cache
-        out_dict = out._dict
-        for btag, raw in list(ds._dict.items()):
+        for btag in list(ds.keys()):
             tag = int(btag)
             try:
-                if isinstance(raw, RawDataElement) and raw.value is None:
-                    raw = ds.get_item(btag)  # no value (deferred or empty): as get_item does
+                raw = ds.get_item(btag)
                 if raw is None:
                     continue
                 vr = _effective_vr(tag, raw.VR)
@@ -341,10 +339,7 @@ class Engine:
                 elif code in ("K", "KEEP") and vr != "SQ":
                     # raw elements pass through as read; implicit ones are decoded so the writer
                     # knows their VR
-                    if isinstance(raw, RawDataElement) and raw.VR is not None and not tag >> 16 & 1:
-                        out_dict[btag] = raw  # all Dataset.__setitem__ does for a public raw one
-                    else:
-                        out[btag] = raw if raw.VR is not None else ds[btag]
+                    out[btag] = raw if raw.VR is not None else ds[btag]
                     if code == "KEEP":
                         st.report.actions.append((prefix + _tag_text(tag), d.rule, "keep"))
                 else:

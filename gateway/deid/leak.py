@@ -37,24 +37,19 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from collections.abc import Container, Iterator
+from collections.abc import Iterator
 from functools import lru_cache
 from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
-from pydicom.charset import default_encoding
 from pydicom.datadict import keyword_dict
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.tag import BaseTag
-from pydicom.uid import UID, AllTransferSyntaxes
 from pydicom.valuerep import PersonName
 
 from gateway.deid.profiles import Profile
-from gateway.deid.scan import searched_values
 from gateway.deid.table import OPTIONS, ROWS, SAFE_PRIVATE
 from gateway.deid.values import DUMMY
 
@@ -126,18 +121,6 @@ _CLEAN_OPTIONS = frozenset({"clean_descriptors", "clean_structured_content", "cl
 _VOCABULARY_VRS = frozenset({"CS", "IS", "DS", "UI", "AS", "DA", "TM", "DT"})
 _VOCABULARY_OUT = frozenset({"CS", "AS"})
 _PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{4,}")
-_DEFER = 64 * 1024
-_EXPLICIT_LE_SYNTAXES = frozenset(
-    str(ts).encode("ascii")
-    for ts in map(UID, AllTransferSyntaxes)
-    if not ts.is_implicit_VR and ts.is_little_endian and not ts.is_deflated
-)
-_PLAIN_ASCII = re.compile(rb"[\x00\x09\x0a\x0c\x0d\x20-\x7e]*")
-_RAW_TEXT_VRS = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
-    | {"UR", "UT"}
-)
-_RAW_BYTES_VRS = frozenset({"OB", "OW", "OL", "OV"})
 
 
 @lru_cache(maxsize=1)
@@ -209,11 +192,7 @@ _DUMMY_CANON = frozenset(_canon(v) for v in DUMMY.values() if isinstance(v, str)
 def _exempt_tags(profile: Profile | None) -> tuple[frozenset[int], bool, bool, bool]:
     if profile is None:
         return frozenset(), False, False, False
-    return _exempt_for_options(profile.options)
-
-
-@lru_cache(maxsize=64)
-def _exempt_for_options(opts: frozenset[str]) -> tuple[frozenset[int], bool, bool, bool]:
+    opts = profile.options
     tags = frozenset(
         t for t, r in ROWS.items() if any(r.options.get(o) == "K" for o in opts if o in OPTIONS)
     )
@@ -243,7 +222,7 @@ def collect(original: Dataset, *, profile: Profile | None = None) -> Needles:
                     n.add(w, "text")
 
     def walk(ds: Dataset, prefix: str) -> None:
-        for elem in _elements(ds, exempt):
+        for elem in _elements(ds):
             tag = int(elem.tag)
             vr = elem.VR
             if vr in _VOCABULARY_OUT or tag in _NON_IDENTIFYING_TAGS:
@@ -353,47 +332,26 @@ def _is_safe(ds: Dataset, tag: int) -> bool:
     return (tag >> 16, name, elem & 0xFF) in SAFE_PRIVATE
 
 
-class _Plain:
-    """An original's element read in explicit VR whose value is printable ASCII, with its
-    values split as pydicom would split them, without pydicom's conversion (same text)."""
+def _elements(ds: Dataset) -> Iterator[Any]:
+    for tag in list(ds.keys()):
+        try:
+            yield ds[tag]
+        except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes
+            raw = ds.get_item(tag)
+            if raw is not None:
+                from pydicom.dataelem import DataElement
 
-    __slots__ = ("VR", "tag", "value")
-
-    def __init__(self, tag: int, vr: str, value: Any) -> None:
-        self.tag = tag
-        self.VR = vr
-        self.value = value
-
-
-_SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})
-# CS is converted by pydicom's convert_string: trailing spaces and NULs stripped, then split at
-# backslashes; joined again that is the stripped text, so plain ASCII CS needs no conversion
-# even where it is compared exactly (vocabulary)
-_SKIPPED_VRS = _NUMERIC_VRS | {"TM", "AS"}
+                yield DataElement(tag, "UN", bytes(raw.value or b""))
 
 
-def _elements(ds: Dataset, exempt: Container[int] = ()) -> Iterator[Any]:
-    """The elements of one level of an original, converted by pydicom only when needed:
-    values never read (numbers, times) and plain ASCII text are taken from their bytes;
-    coded and defined values (compared exactly), UN, implicit VR, sequences and anything
-    else are converted."""
+def _searched(ds: Dataset) -> Iterator[Any]:
+    """The output's elements that are searched, converted from their bytes only then:
+    pixel data and binary numbers are never searched, so never converted (an element read
+    in implicit VR has no VR before conversion: it is converted, then checked)."""
     for tag in list(ds.keys()):
         raw = ds.get_item(tag)
-        if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
-            t = int(tag)
-            vr = raw.VR
-            if vr is not None and vr != "AS" and t not in _NON_IDENTIFYING_TAGS and t not in exempt:
-                if vr in _SKIPPED_VRS:
-                    yield _Plain(t, vr, None)
-                    continue
-                if vr in _RAW_BYTES_VRS:
-                    yield _Plain(t, vr, raw.value)
-                    continue
-                if vr in _RAW_TEXT_VRS and _PLAIN_ASCII.fullmatch(raw.value):
-                    text = raw.value.decode("ascii").rstrip(" \x00")
-                    value: Any = text if vr in _SINGLE_TEXT_VRS else text.split("\\")
-                    yield _Plain(t, vr, value)
-                    continue
+        if int(tag) in _PIXEL_TAGS or (raw is not None and raw.VR in _NUMERIC_VRS):
+            continue
         try:
             yield ds[tag]
         except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes
@@ -403,70 +361,22 @@ def _elements(ds: Dataset, exempt: Container[int] = ()) -> Iterator[Any]:
                 yield DataElement(tag, "UN", bytes(raw.value or b""))
 
 
-def _searched(ds: Dataset, prefix: str, exact: Container[str]) -> Iterator[tuple[str, str, Any]]:
-    """(path, VR, value) of the output's elements that are searched, at this level.
-
-    Pixel data and binary numbers are never searched, so never converted. A text or byte value
-    read in explicit VR whose bytes are all printable ASCII (no escape, nothing above 0x7F) is
-    taken as its bytes: every character set decodes those bytes to the same characters, and the
-    search ignores padding and separators, so converting it would find exactly the same words.
-    Everything else (implicit VR, UN, any other byte, sequences, and the paths whose exact text
-    is compared with the original's, ``exact``) is converted by pydicom, as before.
-    """
-    for tag in list(ds.keys()):
-        t = int(tag)
-        if t in _PIXEL_TAGS:
+def _output_texts(ds: Dataset, prefix: str, out: list[tuple[str, str, str]]) -> None:
+    for elem in _searched(ds):
+        tag = int(elem.tag)
+        vr = elem.VR
+        if tag in _PIXEL_TAGS or vr in _NUMERIC_VRS:
             continue
-        raw = ds.get_item(tag)
-        if raw is None:
-            continue
-        vr = raw.VR
-        if vr in _NUMERIC_VRS:
-            continue
-        path = f"{prefix}({t >> 16:04X},{t & 0xFFFF:04X})"
-        value = raw.value
-        if (
-            isinstance(raw, RawDataElement)
-            and isinstance(value, bytes)
-            and (vr in _RAW_TEXT_VRS or vr in _RAW_BYTES_VRS)
-            and path not in exact
-        ):
-            if vr in _RAW_BYTES_VRS:
-                yield path, vr, value
-                continue
-            if _PLAIN_ASCII.fullmatch(value):
-                yield path, vr, value.decode("ascii").rstrip(" \x00")
-                continue
-        try:
-            elem = ds[tag]
-        except Exception:  # an undecodable element is searched as raw bytes
-            if value is None and isinstance(raw, RawDataElement) and raw.length:
-                raise  # a deferred value that cannot be read: the output cannot be proven clean
-            yield path, "UN", bytes(value or b"")
-            continue
-        if elem.VR in _NUMERIC_VRS:
-            continue  # read in implicit VR: converted, then checked
-        yield path, elem.VR, elem.value
-
-
-def _output_texts(
-    ds: Dataset, prefix: str, out: list[tuple[str, str, str]], exact: Container[str] = ()
-) -> None:
-    for path, vr, value in _searched(ds, prefix, exact):
+        path = f"{prefix}({tag >> 16:04X},{tag & 0xFFFF:04X})"
         if vr == "SQ":
-            for i, item in enumerate(value or []):
-                _output_texts(item, f"{path}[{i}]/", out, exact)
+            for i, item in enumerate(elem.value or []):
+                _output_texts(item, f"{path}[{i}]/", out)
             continue
-        text = value if isinstance(value, str) else _text_of(value)
+        text = _text_of(elem.value)
         if text:
-            out.append((path, _search_vr(path, vr), text.lower()))
-
-
-def _search_vr(path: str, vr: str) -> str:
-    """Byte values of public elements are binary data: searched for long needles only."""
-    if vr in _BYTES_VRS and vr != "UN" and not int(path[-10:-6], 16) & 1:
-        return "public-bytes"
-    return vr
+            if vr in _BYTES_VRS and vr != "UN" and not tag >> 16 & 1:
+                vr = "public-bytes"
+            out.append((path, vr, text.lower()))
 
 
 def _text_of(v: Any) -> str:
@@ -487,72 +397,22 @@ def _hits(
 ) -> list[tuple[str, str, str]]:
     """(path, category, needle) per hit; the needle is patient data: never log or return it."""
     needles = collect(original, profile=profile)
-    texts: list[tuple[str, str, str]] | None = None
-    if isinstance(output, bytes | bytearray):
-        found = searched_values(bytes(output), _EXPLICIT_LE_SYNTAXES)
-        if found is not None:
-            texts = _found_texts(found, needles.vocabulary)
-    if texts is None:
-        texts_or_hit = _pydicom_texts(output, needles)
-        if isinstance(texts_or_hit, tuple):
-            return [texts_or_hit]
-        texts = texts_or_hit
-    return _search(texts, needles)
-
-
-def _found_texts(
-    found: list[tuple[str, str, bytes]], exact: Container[str]
-) -> list[tuple[str, str, str]] | None:
-    """The searched texts of a file walked by :mod:`gateway.deid.scan`, as ``_output_texts``
-    makes them from pydicom's data set, or None when a value needs pydicom's conversion
-    (text that is not plain ASCII): then the caller parses with pydicom."""
-    texts: list[tuple[str, str, str]] = []
-    for path, vr, value in found:
-        if vr in _NUMERIC_VRS:
-            continue
-        tag = int(path[-10:-6], 16) << 16 | int(path[-5:-1], 16)
-        if tag in _PIXEL_TAGS:
-            continue
-        if vr in _RAW_BYTES_VRS:
-            text = value.decode("latin-1")
-        elif vr in _RAW_TEXT_VRS and _PLAIN_ASCII.fullmatch(value):
-            if path in exact and vr != "CS":  # compared exactly: pydicom's own text
-                raw = RawDataElement(BaseTag(tag), vr, len(value), value, 0, False, True)
-                text = _text_of(convert_raw_data_element(raw, encoding=default_encoding).value)
-            else:
-                text = value.decode("ascii").rstrip(" \x00")
-        else:
-            return None
-        if text:
-            texts.append((path, _search_vr(path, vr), text.lower()))
-    return texts
-
-
-def _pydicom_texts(
-    output: Dataset | bytes, needles: Needles
-) -> list[tuple[str, str, str]] | tuple[str, str, str]:
     out_ds: Dataset
     if isinstance(output, bytes | bytearray):
         try:
-            # values over 64 KiB (pixel data) stay in the buffer until read: pixel data is not
-            # searched, anything else is read when it is searched
-            out_ds = dcmread(BytesIO(bytes(output)), force=True, defer_size=_DEFER)
+            out_ds = dcmread(BytesIO(bytes(output)), force=True)
         except Exception:  # noqa: BLE001 - an output that does not parse cannot be proven clean
-            return ("<output does not parse>", "", "")
+            return [("<output does not parse>", "", "")]
     else:
         out_ds = output
     texts: list[tuple[str, str, str]] = []
     try:
         meta = getattr(out_ds, "file_meta", None)
         if meta is not None:
-            _output_texts(meta, "meta/", texts, needles.vocabulary)
-        _output_texts(out_ds, "", texts, needles.vocabulary)
+            _output_texts(meta, "meta/", texts)
+        _output_texts(out_ds, "", texts)
     except Exception:  # noqa: BLE001 - an output that does not decode cannot be proven clean
-        return ("<output does not decode>", "", "")
-    return texts
-
-
-def _search(texts: list[tuple[str, str, str]], needles: Needles) -> list[tuple[str, str, str]]:
+        return [("<output does not decode>", "", "")]
     hits: list[tuple[str, str, str]] = []
     starts: list[int] = []
     parts: list[str] = []
