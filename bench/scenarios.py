@@ -284,6 +284,7 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
     dest = OrthancReceiver(root / "dest", aet="DEST", name="orthanc-dest")
     middle: Receiver | None = None
     procs: list[subprocess.Popen[bytes]] = []
+    forwarded: dict[str, float] = {}
     dest.start()
     try:
         destination = ("DEST", "127.0.0.1", dest.port)
@@ -345,6 +346,8 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
             wait_storescu(procs, settings.timeout)
             sent = time.perf_counter() - t0
         usage = monitor.stop() if monitor is not None else None
+        if isinstance(middle, NodeReceiver):
+            forwarded = middle.forward_counts()
         if system == "node-stream-basic":
             first = dest.server.instances()[0]
             patient = dest.server.instance_tags(first).get("PatientID")
@@ -365,6 +368,7 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
     }
     if system == "node-study":
         result["seconds_excluding_quiet"] = done - settings.quiet_seconds
+    result.update(forwarded)  # the node's associations opened/reused and deliveries
     if usage is not None:
         result["router_peak_rss_mib"] = usage.peak_rss_mib
         result["router_cpu_ms_per_instance"] = 1000 * usage.cpu_seconds / ds.instances
@@ -395,6 +399,12 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
                 if "seconds_excluding_quiet" in result
                 else ""
             )
+            if "deliveries" in result:
+                extra += (
+                    f", {result['deliveries']:.0f} deliveries, associations "
+                    f"{result.get('associations_opened', 0):.0f} opened "
+                    f"{result.get('associations_reused', 0):.0f} reused"
+                )
             settings.log(
                 f"e2e    ct x1 {system:15s} rep {rep + 1}: {result['seconds']:.2f} s to last "
                 f"instance held{extra}, sender done at {result['sender_seconds']:.2f} s"

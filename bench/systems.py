@@ -274,6 +274,26 @@ class NodeReceiver:
         # took ~11 s here, which is not what is measured).
         self.node.stop(timeout=3.0)
 
+    def forward_counts(self) -> dict[str, float]:
+        """Associations the node opened to its destinations and reused (its metrics), and
+        the deliveries it made (its index)."""
+        counts: dict[str, float] = {"associations_opened": 0.0, "associations_reused": 0.0}
+        for line in self.node.metrics().splitlines():
+            if line.startswith("gateway_destination_associations_total{"):
+                kind = line.split('kind="', 1)[1].split('"', 1)[0]
+                counts[f"associations_{kind}"] = float(line.rsplit(" ", 1)[1])
+        db = self.node.state_dir / "index.sqlite3"
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            (deliveries,) = conn.execute("SELECT count(*) FROM deliveries").fetchone()
+            retries = conn.execute(
+                "SELECT reason FROM delivery_attempts WHERE outcome != 'delivered'"
+            ).fetchall()
+        counts["deliveries"] = float(deliveries)
+        counts["failed_attempts"] = float(len(retries))
+        for (reason,) in retries[:5]:  # a run slowed by retries says why
+            print(f"bench: {self.name}: attempt failed: {reason}", file=sys.stderr)
+        return counts
+
     def stored(self) -> int | None:
         db = self.node.state_dir / "index.sqlite3"
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:

@@ -7,6 +7,8 @@ import shutil
 import threading
 import time
 
+from gateway import __version__
+from gateway.audit.chain import AuditRecord, append
 from gateway.audit.export import AuditExporter, tls_connector
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
@@ -67,7 +69,9 @@ class Node:
             spool=self.spool,
         )
         destinations: dict[str, Destination] = dict(
-            build_destinations(cfg.destinations, calling_ae_title=cfg.dicom.ae_title)
+            build_destinations(
+                cfg.destinations, calling_ae_title=cfg.dicom.ae_title, metrics=self.metrics
+            )
         )
         if self.own_keys is not None:
             destinations.update(
@@ -198,9 +202,26 @@ class Node:
                 target=self._housekeep, name="router", daemon=True
             )
             self._housekeeping.start()
+        self._audit_application(
+            "started", {"version": __version__, "recovered_spool_files": removed}
+        )
         log.info(
             "node started", extra={"ae_title": self.cfg.dicom.ae_title, "port": self.server.port}
         )
+
+    def _audit_application(self, outcome: str, detail: dict[str, object]) -> None:
+        """The node's own start and stop, in the audit (ATNA Application Start/Stop)."""
+        record = AuditRecord(
+            event_type="application",
+            outcome=outcome,
+            called_ae_title=self.cfg.dicom.ae_title,
+            detail=detail,
+        )
+        try:
+            with self.db.session() as s:
+                append(s, record, node=self.cfg.node.name, now=self.clock.now())
+        except IndexError_:  # the index went away (stop): said in the log instead
+            log.warning("index unavailable; node %s not audited", outcome)
 
     def _housekeep(self) -> None:
         last_sweep = 0.0
@@ -230,6 +251,7 @@ class Node:
         self.worker.stop(timeout=grace)
         if self._housekeeping is not None:
             self._housekeeping.join(grace)
+        self._audit_application("stopped", {"grace_seconds": grace})
         if self.audit_exporter is not None:
             self.audit_exporter.stop(timeout=grace)
         self.db.dispose()

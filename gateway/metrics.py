@@ -37,6 +37,12 @@ class Metrics:
         self.bytes_sent = Counter(
             "gateway_sent_bytes", "Bytes of instances sent", ["destination"], registry=r
         )
+        self.destination_associations = Counter(
+            "gateway_destination_associations",
+            "Associations to destinations: opened, or reused (kept open from a delivery)",
+            ["destination", "kind"],
+            registry=r,
+        )
         self.delivery_attempts = Counter(
             "gateway_delivery_attempts",
             "Delivery attempts by outcome",

@@ -57,7 +57,9 @@ _POSITIVE_KEYS = frozenset(
         "batch_size",
     }
 )
-_NON_NEGATIVE_KEYS = frozenset({"spool_min_free_bytes", "quiet_seconds", "resend_on_reconnect"})
+_NON_NEGATIVE_KEYS = frozenset(
+    {"spool_min_free_bytes", "quiet_seconds", "resend_on_reconnect", "keep_open_seconds"}
+)
 
 
 def load_config(path: str | Path) -> model.GatewayConfig:
@@ -332,6 +334,12 @@ def _check_references(name: str, cfg: model.GatewayConfig) -> None:
                 )
         elif not dest.ae_title:
             raise ConfigError(name, f"destinations[{i}].ae_title", "the destination's AE title")
+        if dest.keep_open_seconds >= dest.network_timeout:
+            raise ConfigError(
+                name,
+                f"destinations[{i}].keep_open_seconds",
+                "less than network_timeout (an idle association is dropped after that)",
+            )
     route_names: set[str] = set()
     for i, route in enumerate(cfg.routes):
         if route.name in route_names:

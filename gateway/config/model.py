@@ -163,6 +163,7 @@ class DestinationConfig:
     connect_timeout: float = 10.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    keep_open_seconds: float = 2.0  # an idle association waits this long for the next delivery
     tls: DestinationTLSConfig | None = None
 
 

@@ -8,6 +8,14 @@ with that reason.
 
 A destination with a ``tls`` table is reached over TLS (PS3.15 B.9): its certificate is
 verified against its CA and name, and against its public key pin before any DIMSE message.
+
+Deliveries reuse an association: after a delivery its association stays open for the
+destination's ``keep_open_seconds`` (idle), and the next delivery whose instances it was
+negotiated for takes it instead of opening one. Idle and busy associations together never
+exceed the destination's ``max_associations``. An idle association the destination has
+released or dropped is never taken, and one that fails before its first answer is replaced
+by a fresh association (:class:`Sender` says whether it was reused and how many answers it
+gave).
 """
 
 from __future__ import annotations
@@ -17,8 +25,10 @@ import logging
 import queue
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +106,10 @@ class NoAcceptableSyntax(Exception):
     """The destination accepted no transfer syntax this instance can be sent in."""
 
 
+class AssociationLost(RetryableError):
+    """The association went down while a C-STORE was under way (aborted, reset, closed)."""
+
+
 def _nodelay(event: Any) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
@@ -120,20 +134,201 @@ def context_groups(files: Sequence[OutgoingFile]) -> list[list[int]]:
     return groups
 
 
+@dataclass
+class _Link:
+    """An established association and what was negotiated on it."""
+
+    assoc: Any
+    accepted: dict[str, set[str]]
+    proposed: frozenset[tuple[str, str]]  # (SOP class, transfer syntax) proposed
+    idle_since: float = 0.0
+
+    def alive(self) -> bool:
+        a = self.assoc
+        dul = a.dul
+        return bool(
+            a.is_established
+            and not a.is_aborted
+            and not a.is_released
+            and dul.is_alive()
+            and not getattr(dul, "_kill_thread", False)
+        )
+
+    def covers(self, files: Sequence[OutgoingFile]) -> bool:
+        """Whether every file's (SOP class, stored syntax) was proposed on this association,
+        so sending on it behaves as on one opened for ``files``."""
+        return all((f.sop_class_uid, f.transfer_syntax_uid) in self.proposed for f in files)
+
+
+@dataclass
+class Sender:
+    """``send(file) -> status`` on one association (see :meth:`StoreSCU.associate`)."""
+
+    link: _Link
+    reused: bool
+    moved: dict[str, Any] = field(default_factory=dict)
+    answered: int = 0  # C-STORE responses received on this association in this delivery
+
+    def __call__(self, f: OutgoingFile) -> int:
+        assoc = self.link.assoc
+        syntaxes = self.link.accepted.get(f.sop_class_uid, set())
+        try:
+            if f.transfer_syntax_uid in syntaxes:
+                # decrypted by gateway.dicom.spool_io
+                rsp = assoc.send_c_store(f.path, **self.moved)
+            elif syntaxes & _UNCOMPRESSED:
+                rsp = send_converted(assoc, f, syntaxes, **self.moved)
+            else:
+                raise NoAcceptableSyntax(
+                    "destination accepted no transfer syntax for this SOP class"
+                )
+        except IntegrityError as exc:
+            # only verified segments went out; aborting leaves the destination nothing
+            assoc.abort()
+            raise QuarantineError(f"spool file integrity check failed: {exc}") from None
+        if not assoc.is_established and not rsp:
+            raise AssociationLost("association lost while sending (timeout or abort)")
+        status = getattr(rsp, "Status", None)
+        if status is None:
+            assoc.abort()
+            raise RetryableError("no C-STORE response (DIMSE timeout)")
+        self.answered += 1
+        return int(status)
+
+
 class StoreSCU:
-    """One association to a destination for a set of instances."""
+    """Associations to a destination: one per :meth:`associate`, or (``reuse=True``) kept
+    open between deliveries for ``keep_open_seconds``."""
 
     def __init__(self, dest: DestinationConfig, *, calling_ae_title: str) -> None:
         self.dest = dest
         self.calling_ae_title = dest.calling_ae_title or calling_ae_title
         self.tls_args = destination_context(dest)  # CryptoError names a file that won't load
+        self.keep_open = dest.keep_open_seconds
+        self.cap = max(1, dest.max_associations)
+        self.on_association: Callable[[str], None] = lambda kind: None  # "opened" | "reused"
+        self._lock = threading.Condition()
+        self._idle: list[_Link] = []  # oldest first
+        self._busy = 0  # reusable associations in use
+        self._closed = False
+        self._reaper: threading.Thread | None = None
 
     @contextlib.contextmanager
     def associate(
-        self, files: Sequence[OutgoingFile], *, originator: tuple[str, int] | None = None
-    ) -> Iterator[Callable[[OutgoingFile], int]]:
-        """Yield ``send(file) -> status``; raises Retryable/PermanentError on the association.
-        ``originator``: the Move Originator AE Title and Message ID of C-MOVE sub-operations."""
+        self,
+        files: Sequence[OutgoingFile],
+        *,
+        originator: tuple[str, int] | None = None,
+        reuse: bool = False,
+    ) -> Iterator[Sender]:
+        """Yield a :class:`Sender`, ``send(file) -> status``; raises Retryable/PermanentError
+        on the association. ``originator``: the Move Originator AE Title and Message ID of
+        C-MOVE sub-operations. ``reuse``: take an idle association negotiated for ``files``
+        if there is one, and keep this one open afterwards (see the module's note)."""
+        moved: dict[str, Any] = {}
+        if originator is not None:
+            moved = {"originator_aet": originator[0], "originator_id": originator[1]}
+        pooled = reuse and self.keep_open > 0
+        link = self._take(files) if pooled else None
+        sender: Sender | None = None
+        try:
+            if link is None:
+                link = self._open(files)
+                self.on_association("opened")
+                sender = Sender(link, reused=False, moved=moved)
+            else:
+                self.on_association("reused")
+                sender = Sender(link, reused=True, moved=moved)
+        finally:
+            if sender is None and pooled:
+                with self._lock:
+                    self._busy -= 1
+        assoc = link.assoc
+        try:
+            yield sender
+        except BaseException:
+            if pooled:
+                with self._lock:
+                    self._busy -= 1
+            if assoc.is_established:
+                assoc.abort()
+            raise
+        if pooled and self._put_back(link):
+            return
+        if assoc.is_established:
+            assoc.release()
+
+    # --- kept-open associations -----------------------------------------------------------
+    def _take(self, files: Sequence[OutgoingFile]) -> _Link | None:
+        """An idle association covering ``files``, or None with a busy place reserved for a
+        new one (an idle association is released first if the cap requires it)."""
+        found: _Link | None = None
+        drop: list[_Link] = []
+        with self._lock:
+            for link in reversed(self._idle):
+                if not link.alive():
+                    drop.append(link)
+                elif found is None and link.covers(files):
+                    found = link
+            for link in [*drop, *([found] if found else [])]:
+                self._idle.remove(link)
+            if found is None:
+                # the new association's place: the oldest idle ones go if the cap requires
+                while self._idle and self._busy + len(self._idle) + 1 > self.cap:
+                    drop.append(self._idle.pop(0))
+            self._busy += 1
+        for link in drop:
+            _close(link)
+        return found
+
+    def _put_back(self, link: _Link) -> bool:
+        """Keep ``link`` open for the next delivery; False if it must be released now."""
+        with self._lock:
+            self._busy -= 1
+            if self._closed or not link.alive() or self._busy + len(self._idle) >= self.cap:
+                return False
+            link.idle_since = time.monotonic()
+            self._idle.append(link)
+            if self._reaper is None:
+                self._reaper = threading.Thread(
+                    target=self._reap, name=f"scu-idle-{self.dest.name}", daemon=True
+                )
+                self._reaper.start()
+            self._lock.notify_all()
+        return True
+
+    def _reap(self) -> None:
+        """Release associations idle for ``keep_open`` seconds."""
+        while True:
+            expired: list[_Link] = []
+            with self._lock:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                while self._idle and now - self._idle[0].idle_since >= self.keep_open:
+                    expired.append(self._idle.pop(0))
+                if not expired:
+                    wait = self.keep_open - (now - self._idle[0].idle_since) if self._idle else None
+                    self._lock.wait(wait)
+            for link in expired:
+                _close(link)
+
+    def close(self) -> None:
+        """Release every idle association; later deliveries release theirs at once."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._lock.notify_all()
+        for link in idle:
+            _close(link)
+
+    @property
+    def idle_count(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    # --- one association ------------------------------------------------------------------
+    def _open(self, files: Sequence[OutgoingFile]) -> _Link:
         ae = AE(ae_title=self.calling_ae_title)
         ae.connection_timeout = self.dest.connect_timeout
         ae.acse_timeout = self.dest.connect_timeout
@@ -147,6 +342,9 @@ class StoreSCU:
             for ts in sorted(syntaxes - _UNCOMPRESSED):
                 contexts.append(build_context(sop_class, [ts]))
             contexts.append(build_context(sop_class, [str(t) for t in UNCOMPRESSED]))
+        proposed = frozenset(
+            (str(cx.abstract_syntax), str(ts)) for cx in contexts for ts in cx.transfer_syntax
+        )
         opened: list[Any] = []  # EVT_CONN_OPEN: connected (and, with TLS, handshake done)
         assoc = ae.associate(
             self.dest.host,
@@ -186,44 +384,7 @@ class StoreSCU:
         accepted: dict[str, set[str]] = {}
         for cx in assoc.accepted_contexts:
             accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
-
-        moved: dict[str, Any] = {}
-        if originator is not None:
-            moved = {"originator_aet": originator[0], "originator_id": originator[1]}
-
-        def send(f: OutgoingFile) -> int:
-            syntaxes = accepted.get(f.sop_class_uid, set())
-            try:
-                if f.transfer_syntax_uid in syntaxes:
-                    # decrypted by gateway.dicom.spool_io
-                    rsp = assoc.send_c_store(f.path, **moved)
-                elif syntaxes & _UNCOMPRESSED:
-                    rsp = send_converted(assoc, f, syntaxes, **moved)
-                else:
-                    raise NoAcceptableSyntax(
-                        "destination accepted no transfer syntax for this SOP class"
-                    )
-            except IntegrityError as exc:
-                # only verified segments went out; aborting leaves the destination nothing
-                assoc.abort()
-                raise QuarantineError(f"spool file integrity check failed: {exc}") from None
-            if not assoc.is_established and not rsp:
-                raise RetryableError("association lost while sending (timeout or abort)")
-            status = getattr(rsp, "Status", None)
-            if status is None:
-                assoc.abort()
-                raise RetryableError("no C-STORE response (DIMSE timeout)")
-            return int(status)
-
-        try:
-            yield send
-        except BaseException:
-            if assoc.is_established:
-                assoc.abort()
-            raise
-        else:
-            if assoc.is_established:
-                assoc.release()
+        return _Link(assoc, accepted, proposed)
 
     def _tls_refusal(self) -> str:
         """Why the TLS handshake failed, when it was the certificates (pynetdicom logs the
@@ -258,6 +419,18 @@ class StoreSCU:
         except IntegrityError as exc:
             assoc.abort()
             raise PermanentError(f"destination certificate refused: {exc}") from exc
+
+
+def _close(link: _Link) -> None:
+    """Release an idle association (abort it if the release is not answered)."""
+    assoc = link.assoc
+    try:
+        if link.alive():
+            assoc.release()
+        elif assoc.is_established:
+            assoc.abort()
+    except Exception:  # a dying connection: nothing left to release
+        log.debug("closing an idle association failed", exc_info=True)
 
 
 def send_converted(

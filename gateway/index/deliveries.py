@@ -243,10 +243,27 @@ def pending_items(session: Session, delivery_id: str) -> list[tuple[DeliveryItem
 def record_item(
     session: Session, item_id: int, *, state: str, status: int | None, reason: str
 ) -> None:
-    session.execute(
-        update(DeliveryItem)
-        .where(DeliveryItem.id == item_id)
-        .values(state=state, status=status, reason=reason)
+    record_items(session, [(item_id, state, status, reason)])
+
+
+_RECORD_ITEM = (
+    update(_ITEMS)
+    .where(_ITEMS.c.id == bindparam("item_id"))
+    .values(state=bindparam("new_state"), status=bindparam("new_status"), reason=bindparam("why"))
+)
+
+
+def record_items(session: Session, results: Sequence[tuple[int, str, int | None, str]]) -> None:
+    """Record destinations' answers, ``(item id, state, status, reason)`` each, with one
+    statement executed for all of them (a statement per instance cost a round trip each)."""
+    if not results:
+        return
+    session.connection().execute(
+        _RECORD_ITEM,
+        [
+            {"item_id": item_id, "new_state": state, "new_status": status, "why": reason}
+            for item_id, state, status, reason in results
+        ],
     )
 
 

@@ -101,6 +101,10 @@ class Worker:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        for destination in self.destinations.values():
+            close = getattr(destination, "close", None)
+            if close is not None:  # associations kept open between deliveries
+                close()
 
     def _loop(self, worker_id: str) -> None:
         while not self._stop.is_set():
@@ -141,6 +145,44 @@ class Worker:
         return True
 
     def _attempt(self, delivery_id: str, worker_id: str, *, started: datetime) -> None:
+        progress = _Progress([], time.monotonic())
+        done = threading.Event()
+        keeper = threading.Thread(
+            target=self._keep_lease,
+            args=(delivery_id, worker_id, progress, done),
+            name=f"{worker_id}-lease",
+            daemon=True,
+        )
+        keeper.start()
+        try:
+            self._run_attempt(delivery_id, worker_id, started=started, progress=progress)
+        finally:
+            done.set()
+            keeper.join()
+
+    def _keep_lease(
+        self, delivery_id: str, worker_id: str, progress: _Progress, done: threading.Event
+    ) -> None:
+        """Renew the attempt's lease every third of it, whatever the sending does.
+
+        Results renew it too, but a slow destination, a slow disk or a loaded machine can
+        leave more than a lease between two of them; another worker would then take the
+        delivery over from a live attempt (and count an attempt more). Only a dead process
+        (or a lost index) lets a lease run out."""
+        every = self.cfg.worker.lease_seconds / 3
+        while not done.wait(every):
+            until = self.clock.now() + timedelta(seconds=self.cfg.worker.lease_seconds)
+            try:
+                with self.db.session() as s:
+                    if not deliveries.renew(s, delivery_id, worker=worker_id, until=until):
+                        progress.lease_lost = True
+                        return
+            except Exception:  # the index unavailable: the attempt's own writes fail too
+                log.warning("lease renewal failed", exc_info=True)
+
+    def _run_attempt(
+        self, delivery_id: str, worker_id: str, *, started: datetime, progress: _Progress
+    ) -> None:
         with self.db.session() as s:
             delivery = s.get(Delivery, delivery_id)
             assert delivery is not None
@@ -155,7 +197,6 @@ class Worker:
         event: Event
         reason = ""
         refused = ""  # a destination's certificate refused at the TLS handshake (F14)
-        progress = _Progress([], time.monotonic())
         # results are recorded, and the lease renewed, well before the lease could run out
         renew_every = min(_BATCH_SECONDS, self.cfg.worker.lease_seconds / 3)
         try:
@@ -231,10 +272,9 @@ class Worker:
         progress.last_flush = time.monotonic()
         until = self.clock.now() + timedelta(seconds=self.cfg.worker.lease_seconds)
         with self.db.session() as s:
-            for item_id, r in pending:
-                deliveries.record_item(
-                    s, item_id, state=r.outcome, status=r.status, reason=r.reason
-                )
+            deliveries.record_items(
+                s, [(item_id, r.outcome, r.status, r.reason) for item_id, r in pending]
+            )
             if not deliveries.renew(s, delivery_id, worker=worker_id, until=until):
                 progress.lease_lost = True
 

@@ -450,3 +450,16 @@ def test_cli_check_config_bad(tmp_path: Path) -> None:
     assert str(path) in lines[0]
     assert "dicom.port" in lines[0]
     assert "65535" in lines[0]
+
+
+def test_keep_open_seconds(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, GOOD)).destinations[0].keep_open_seconds == 2.0
+    text = GOOD.replace("port = 104\n", "port = 104\nkeep_open_seconds = 0\n", 1)
+    assert load_config(_write(tmp_path, text)).destinations[0].keep_open_seconds == 0.0
+    err = _fails(tmp_path, GOOD.replace("port = 104\n", "port = 104\nkeep_open_seconds = -1\n", 1))
+    assert "keep_open_seconds" in str(err)
+    err = _fails(
+        tmp_path,
+        GOOD.replace("port = 104\n", "port = 104\nkeep_open_seconds = 5\nnetwork_timeout = 5\n", 1),
+    )
+    assert "less than network_timeout" in str(err)
