@@ -153,7 +153,11 @@ def _serve(cfg: GatewayConfig) -> int:
         file=sys.stderr,
         flush=True,
     )
-    stop.wait()
+    # with a timeout: a signal the kernel hands to another thread only sets a flag, and
+    # the handler runs when the main thread next runs Python code; a wait without one
+    # never wakes up to run it (SIGTERM then went unnoticed until the SIGKILL)
+    while not stop.wait(0.5):
+        pass
     node.stop()
     return 0
 
