@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import select
 import socket
 import struct
@@ -41,7 +42,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.fsm import InvalidEventError, StateMachine
+from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
@@ -219,6 +220,11 @@ class GuardedDIMSE(DIMSEServiceProvider):
             self.dul.event_queue.put("Evt19")
 
 
+# Events raised by a primitive of the local user (PS3.8 9.2): A-ASSOCIATE request, accept
+# and reject, P-DATA, A-RELEASE request and response, A-ABORT
+_LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
 class GuardedStateMachine(StateMachine):
     """pynetdicom's upper-layer state machine; an event the state has no transition for is
     dropped instead of raised (the state's own timers still end the association: ARTIM in
@@ -230,6 +236,16 @@ class GuardedStateMachine(StateMachine):
             self._end_wait_if_idle()
         except InvalidEventError:
             log.info("upper-layer event out of order dropped", extra={"event": event})
+            if event in _LOCAL_PRIMITIVE_EVENTS:
+                # the primitive that raised it is still first in the queue (pynetdicom only
+                # peeks it; the action would take it): left there, the reactor raises the
+                # same event again at once, a busy loop until ARTIM ends the connection
+                with contextlib.suppress(queue.Empty):
+                    self.dul.to_provider_queue.get_nowait()
+                if event == "Evt15" and self.current_state == "Sta2":
+                    # our own abort (the node stopping) of a connection that has sent no
+                    # A-ASSOCIATE-RQ yet: close it, as the table does in Sta4 (AA-2)
+                    self.current_state = ACTIONS["AA-2"][1](self.dul)
         except Exception:  # the peer's bytes: anything an action raises (re-raised if not ours)
             sock = self.dul.socket
             if not isinstance(sock, GuardedSocket):
