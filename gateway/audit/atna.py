@@ -51,6 +51,8 @@ USE_OF_RESTRICTED_FUNCTION = Code("110132", "DCM", "Use of Restricted Function")
 PROTOCOL_VIOLATION = Code("protocol-violation", LOCAL_SCHEME, "DICOM protocol violation")
 # PS3.16 CID 402 Audit Active Participant Role ID
 ROLE_APPLICATION = Code("110150", "DCM", "Application")
+APPLICATION_START = Code("110120", "DCM", "Application Start")
+APPLICATION_STOP = Code("110121", "DCM", "Application Stop")
 ROLE_DESTINATION = Code("110152", "DCM", "Destination Role ID")
 ROLE_SOURCE = Code("110153", "DCM", "Source Role ID")
 # PS3.16 CID 404 Audit Participant Object ID Type, and RFC 3881
@@ -407,9 +409,23 @@ def _application_activity(entry: AuditEntry) -> Event:
     )
 
 
+def _application_start_stop(entry: AuditEntry) -> Event:
+    """The node itself started or stopped (PS3.15 A.5.3.1 Application Activity)."""
+    return Event(
+        APPLICATION_ACTIVITY,
+        "E",
+        SUCCESS,
+        (APPLICATION_START if entry.outcome == "started" else APPLICATION_STOP,),
+        "",
+        (_local(entry, role=ROLE_APPLICATION),),
+    )
+
+
 def event_for(entry: AuditEntry) -> Event:
     """The PS3.15 A.5.3 event an audit row is reported as (see README "Audit export")."""
     kind = entry.event_type
+    if kind == "application":
+        return _application_start_stop(entry)
     if kind == "association":
         return _association(entry)
     if kind == "security":

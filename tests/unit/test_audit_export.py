@@ -195,6 +195,8 @@ MAPPING: list[tuple[str, AuditEntry, str, str, int, list[str]]] = [
     ("delivery-retry", entry("delivery-attempt", "retry"), "110104", "R", 4, []),
     ("delivery-failed", entry("delivery-attempt", "failure"), "110104", "R", 8, []),
     ("peer-package", entry("peer-package", "success"), "110104", "C", 0, []),
+    ("node-started", entry("application", "started"), "110100", "E", 0, ["110120"]),
+    ("node-stopped", entry("application", "stopped"), "110100", "E", 0, ["110121"]),
     ("c-echo", entry("c-echo", "success"), "110100", "E", 0, ["c-echo"]),
     ("route", entry("route", "success"), "110100", "E", 0, ["route"]),
     ("peer-receipt", entry("peer-receipt", "success"), "110100", "E", 0, ["peer-receipt"]),
