@@ -157,11 +157,32 @@ def _due(now: datetime, horizon: float | None) -> tuple[Any, Any]:
     return due, lease_live
 
 
-def any_due(session: Session, *, now: datetime, horizon: float | None = None) -> bool:
-    """Whether :func:`claim` could find a due delivery (whatever the destinations' free
-    slots): a read that idle workers make without taking the writer."""
-    due, _live = _due(now, horizon)
-    return session.execute(select(Delivery.id).where(due).limit(1)).first() is not None
+def any_due(
+    session: Session,
+    *,
+    now: datetime,
+    horizon: float | None = None,
+    capacity: dict[str, int] | None = None,
+) -> bool:
+    """Whether :func:`claim` could find a due delivery: a read that idle workers make
+    without taking the writer. With ``capacity``, only a due delivery whose destination has
+    a free association slot counts (as in :func:`claim`): while a study streams, its next
+    delivery is due while the destination's slots are busy, and every idle worker took the
+    writer lock for a claim that could not succeed, once per streamed instance."""
+    due, lease_live = _due(now, horizon)
+    if capacity is None:
+        return session.execute(select(Delivery.id).where(due).limit(1)).first() is not None
+    waiting = set(session.execute(select(Delivery.destination).where(due).distinct()).scalars())
+    if not waiting:
+        return False
+    busy = dict(
+        session.execute(
+            select(Delivery.destination, func.count())
+            .where(Delivery.state == State.IN_PROGRESS.value, lease_live)
+            .group_by(Delivery.destination)
+        ).all()
+    )
+    return any(busy.get(d, 0) < capacity.get(d, 1) for d in waiting)
 
 
 def claim(

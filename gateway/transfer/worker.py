@@ -128,7 +128,7 @@ class Worker:
         horizon = max(self.cfg.worker.lease_seconds, self.cfg.worker.backoff_max)
         horizon += CLOCK_SLACK_SECONDS
         with self.db.read() as s:  # idle polls never queue ingest behind the writer lock
-            if not deliveries.any_due(s, now=now, horizon=horizon):
+            if not deliveries.any_due(s, now=now, horizon=horizon, capacity=self.capacity):
                 return False
         with self.db.session() as s:
             claim = deliveries.claim(

@@ -460,3 +460,28 @@ def test_any_due_agrees_with_claim_and_reads_without_the_writer(db: Database) ->
     assert _claim(db, "w1", later) is not None
     with db.read() as s:
         assert not deliveries.any_due(s, now=later)
+
+
+def test_any_due_with_capacity_skips_busy_destinations(db: Database) -> None:
+    """A due delivery whose destination has every slot busy is not worth a claim."""
+    ids = _instances(db, 2)
+    with db.session() as s:
+        for i, study in enumerate(("1.2.3", "1.2.4")):
+            deliveries.append_to_open(
+                s,
+                study_instance_uid=study,
+                route_name="r",
+                destination="pacs",
+                profile="",
+                instance_id=ids[i],
+                now=T0,
+            )
+    with db.read() as s:
+        assert deliveries.any_due(s, now=T0, capacity={"pacs": 1})
+    assert _claim(db, "w1", T0) is not None  # pacs's one slot is now busy
+    with db.read() as s:
+        assert deliveries.any_due(s, now=T0)  # due, whatever the slots
+        assert not deliveries.any_due(s, now=T0, capacity={"pacs": 1})
+        assert deliveries.any_due(s, now=T0, capacity={"pacs": 2})
+    assert _claim(db, "w2", T0) is None  # claim agrees
+    assert _claim(db, "w2", T0, capacity={"pacs": 2}) is not None
