@@ -193,6 +193,10 @@ class Node:
             self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         if self.audit_exporter is not None:
             self.audit_exporter.start()
+        # before the listeners: every row of what the node serves follows its start row
+        self._audit_application(
+            "started", {"version": __version__, "recovered_spool_files": removed}
+        )
         self.server.start()
         if self.peer_server is not None:
             self.peer_server.start()
@@ -202,9 +206,6 @@ class Node:
                 target=self._housekeep, name="router", daemon=True
             )
             self._housekeeping.start()
-        self._audit_application(
-            "started", {"version": __version__, "recovered_spool_files": removed}
-        )
         log.info(
             "node started", extra={"ae_title": self.cfg.dicom.ae_title, "port": self.server.port}
         )
