@@ -8,6 +8,7 @@ system and configuration, each with its ``runs`` and a median/min/max ``summary`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -128,6 +129,37 @@ def alternating(systems: Sequence[str], rep: int) -> list[str]:
     return list(systems) if rep % 2 == 0 else list(reversed(systems))
 
 
+Runs = dict[str, list[dict[str, float]]]
+
+
+def measure_alternating(
+    settings: Settings,
+    systems: Sequence[str],
+    what: str,
+    once: Callable[[str, int], dict[str, float]],
+    describe: Callable[[dict[str, float]], str],
+) -> tuple[Runs, dict[str, str]]:
+    """Run ``once(system, rep)`` ``settings.repeat`` times per system, systems in alternating
+    order; a system that fails is recorded (``settings.failures``) and not run again.
+    ``what`` names the measurement in the log and the failures."""
+    runs: Runs = {s: [] for s in systems}
+    errors: dict[str, str] = {}
+    for rep in range(settings.repeat):
+        for system in alternating(systems, rep):
+            if system in errors:
+                continue
+            try:
+                result = once(system, rep)
+            except MEASUREMENT_ERRORS as exc:
+                errors[system] = brief(exc)
+                settings.failures.append(f"{' '.join(what.split())} {system}: {brief(exc)}")
+                settings.log(f"{what} {system:22s} FAILED: {exc}")
+                continue
+            settings.log(f"{what} {system:22s} rep {rep + 1}: {describe(result)}")
+            runs[system].append(result)
+    return runs, errors
+
+
 def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b > 0 else None
 
@@ -175,6 +207,13 @@ def _ingest_once(
 INGEST_ORDER = ("node", "dcmtk-storescp", "dcmtk-storescp-ignore", "orthanc", "pynetdicom-scp")
 
 
+def _ingest_rep(
+    settings: Settings, ds: data.DataSet, conc: int, system: str, rep: int
+) -> dict[str, float]:
+    label = f"ingest-{ds.name}-{conc}-{system}-{rep}"
+    return _ingest_once(settings, system, ds, conc, label)
+
+
 def run_ingest(settings: Settings) -> dict[str, Any]:
     systems = [s for s in INGEST_ORDER if settings.wanted(s)]
     rows: list[dict[str, Any]] = []
@@ -185,27 +224,16 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
             if conc > ds.instances:
                 skipped.append(f"{name} with {conc} associations: only {ds.instances} instance(s)")
                 continue
-            runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
-            errors: dict[str, str] = {}
-            for rep in range(settings.repeat):
-                for system in alternating(systems, rep):
-                    if system in errors:
-                        continue
-                    label = f"ingest-{name}-{conc}-{system}-{rep}"
-                    try:
-                        result = _ingest_once(settings, system, ds, conc, label)
-                    except MEASUREMENT_ERRORS as exc:
-                        errors[system] = brief(exc)
-                        settings.failures.append(f"ingest {name} x{conc} {system}: {brief(exc)}")
-                        settings.log(f"ingest {name:10s} x{conc} {system:22s} FAILED: {exc}")
-                        continue
-                    settings.log(
-                        f"ingest {name:10s} x{conc} {system:22s} rep {rep + 1}: "
-                        f"{result['instances_per_s']:8.1f} inst/s {result['mb_per_s']:7.1f} MB/s "
-                        f"{result['peak_rss_mib']:6.1f} MiB "
-                        f"{result['cpu_ms_per_instance']:6.2f} ms CPU/inst"
-                    )
-                    runs[system].append(result)
+            runs, errors = measure_alternating(
+                settings,
+                systems,
+                f"ingest {name:10s} x{conc}",
+                functools.partial(_ingest_rep, settings, ds, conc),
+                lambda r: (
+                    f"{r['instances_per_s']:8.1f} inst/s {r['mb_per_s']:7.1f} MB/s "
+                    f"{r['peak_rss_mib']:6.1f} MiB {r['cpu_ms_per_instance']:6.2f} ms CPU/inst"
+                ),
+            )
             for system in systems:
                 rows.append(
                     {
@@ -381,35 +409,31 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
     else:
         systems = [s for s in E2E_ORDER if s in settings.systems]
     ds = settings.dataset("ct")
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
-    errors: dict[str, str] = {}
-    for rep in range(settings.repeat):
-        for system in alternating(systems, rep):
-            if system in errors:
-                continue
-            try:
-                result = _e2e_once(settings, system, ds, f"e2e-{system}-{rep}")
-            except MEASUREMENT_ERRORS as exc:
-                errors[system] = brief(exc)
-                settings.failures.append(f"e2e {system}: {brief(exc)}")
-                settings.log(f"e2e    ct x1 {system:15s} FAILED: {exc}")
-                continue
-            extra = (
-                f" ({result['seconds_excluding_quiet']:.2f} s excluding quiet)"
-                if "seconds_excluding_quiet" in result
-                else ""
+
+    def describe(result: dict[str, float]) -> str:
+        extra = (
+            f" ({result['seconds_excluding_quiet']:.2f} s excluding quiet)"
+            if "seconds_excluding_quiet" in result
+            else ""
+        )
+        if "deliveries" in result:
+            extra += (
+                f", {result['deliveries']:.0f} deliveries, associations "
+                f"{result.get('associations_opened', 0):.0f} opened "
+                f"{result.get('associations_reused', 0):.0f} reused"
             )
-            if "deliveries" in result:
-                extra += (
-                    f", {result['deliveries']:.0f} deliveries, associations "
-                    f"{result.get('associations_opened', 0):.0f} opened "
-                    f"{result.get('associations_reused', 0):.0f} reused"
-                )
-            settings.log(
-                f"e2e    ct x1 {system:15s} rep {rep + 1}: {result['seconds']:.2f} s to last "
-                f"instance held{extra}, sender done at {result['sender_seconds']:.2f} s"
-            )
-            runs[system].append(result)
+        return (
+            f"{result['seconds']:.2f} s to last instance held{extra}, "
+            f"sender done at {result['sender_seconds']:.2f} s"
+        )
+
+    runs, errors = measure_alternating(
+        settings,
+        systems,
+        "e2e ct x1",
+        lambda system, rep: _e2e_once(settings, system, ds, f"e2e-{system}-{rep}"),
+        describe,
+    )
     rows: list[dict[str, Any]] = [
         {"system": s, **_outcome(runs[s], errors.get(s))} for s in systems
     ]
@@ -539,6 +563,10 @@ def _deid_ratios(rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any
     return out
 
 
+def _deid_rep(settings: Settings, ds: data.DataSet, system: str, rep: int) -> dict[str, float]:
+    return _deid_once(settings, system, ds, f"deid-{ds.name}-{system}-{rep}")
+
+
 def run_deid(settings: Settings) -> dict[str, Any]:
     systems = [s for s in DEID_ORDER if settings.wanted(s)]
     datasets = [d for d in DEID_DATASETS if d in settings.datasets]
@@ -546,26 +574,16 @@ def run_deid(settings: Settings) -> dict[str, Any]:
     ratios: list[dict[str, Any]] = []
     for name in datasets:
         ds = settings.dataset(name)
-        runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
-        errors: dict[str, str] = {}
-        for rep in range(settings.repeat):
-            for system in alternating(systems, rep):
-                if system in errors:
-                    continue
-                try:
-                    result = _deid_once(settings, system, ds, f"deid-{name}-{system}-{rep}")
-                except MEASUREMENT_ERRORS as exc:
-                    errors[system] = brief(exc)
-                    settings.failures.append(f"deid {name} {system}: {brief(exc)}")
-                    settings.log(f"deid   {name:10s} {system:18s} FAILED: {exc}")
-                    continue
-                settings.log(
-                    f"deid   {name:10s} {system:18s} rep {rep + 1}: "
-                    f"{result['instances_per_s']:8.1f} inst/s "
-                    f"{result['cpu_ms_per_instance']:6.2f} ms CPU/inst "
-                    f"{result['peak_rss_mib']:6.1f} MiB"
-                )
-                runs[system].append(result)
+        runs, errors = measure_alternating(
+            settings,
+            systems,
+            f"deid {name:10s}",
+            functools.partial(_deid_rep, settings, ds),
+            lambda r: (
+                f"{r['instances_per_s']:8.1f} inst/s {r['cpu_ms_per_instance']:6.2f} ms CPU/inst "
+                f"{r['peak_rss_mib']:6.1f} MiB"
+            ),
+        )
         for system in systems:
             rows.append(
                 {"dataset": name, "system": system, **_outcome(runs[system], errors.get(system))}
@@ -787,33 +805,23 @@ def run_sealed_transfer(settings: Settings) -> dict[str, Any]:
     keys = settings.work / "run" / "sealed-transfer-keys"
     if any(s in SEALED_TRANSFERS for s in systems):
         keys = _key_material(settings, settings.fresh_dir("sealed-transfer-keys"))
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
-    errors: dict[str, str] = {}
-    for rep in range(settings.repeat):
-        for system in alternating(systems, rep):
-            if system in errors:
-                continue
-            label = f"sealed-{system}-{rep}"
-            try:
-                if system in SEALED_TRANSFERS:
-                    result = _transfer_once(settings, system, ds, keys, label)
-                else:
-                    result = _crypto_once(settings, system, blobs, label)
-            except MEASUREMENT_ERRORS as exc:
-                errors[system] = brief(exc)
-                settings.failures.append(f"sealed-transfer {system}: {brief(exc)}")
-                settings.log(f"sealed {system:18s} FAILED: {exc}")
-                continue
-            extra = (
-                f" (A->B after the sender: {result['a_to_b_mb_per_s']:7.1f} MB/s; "
-                f"{result['seconds_excluding_quiet']:.2f} s excl. quiet)"
-                if "a_to_b_mb_per_s" in result
-                else ""
-            )
-            settings.log(
-                f"sealed {system:18s} rep {rep + 1}: {result['mb_per_s']:8.1f} MB/s{extra}"
-            )
-            runs[system].append(result)
+
+    def once(system: str, rep: int) -> dict[str, float]:
+        label = f"sealed-{system}-{rep}"
+        if system in SEALED_TRANSFERS:
+            return _transfer_once(settings, system, ds, keys, label)
+        return _crypto_once(settings, system, blobs, label)
+
+    def describe(result: dict[str, float]) -> str:
+        extra = (
+            f" (A->B after the sender: {result['a_to_b_mb_per_s']:7.1f} MB/s; "
+            f"{result['seconds_excluding_quiet']:.2f} s excl. quiet)"
+            if "a_to_b_mb_per_s" in result
+            else ""
+        )
+        return f"{result['mb_per_s']:8.1f} MB/s{extra}"
+
+    runs, errors = measure_alternating(settings, systems, "sealed-transfer", once, describe)
     rows: list[dict[str, Any]] = [
         {"system": s, **_outcome(runs[s], errors.get(s))} for s in systems
     ]
