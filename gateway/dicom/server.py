@@ -236,7 +236,11 @@ class _GatewayAssociation(Association):
                     self.gateway_server._out_of_resources(sock, None, exc)
                 return
             self._started_dul = True
-            self._dul_ready.wait()
+            if not self._dul_ready.wait(10):  # its thread died starting (F18: MemoryError)
+                sock = getattr(self.dul.socket, "socket", None)
+                if self.gateway_server is not None and sock is not None:
+                    self.gateway_server._out_of_resources(sock, None, MemoryError())
+                return
         super().run_reactor()
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
@@ -446,7 +450,7 @@ class DicomServer:
                     self.certificate_names = certificate_names(tls.getpeercert())
                 try:
                     super().handle()  # makes the association and starts its thread
-                except RuntimeError as exc:  # no thread for the association (F18: memory)
+                except (RuntimeError, MemoryError) as exc:  # no thread/memory for it (F18)
                     self.handed_over = False  # its thread never ran
                     server_self._out_of_resources(self.request, self.client_address, exc)
 
