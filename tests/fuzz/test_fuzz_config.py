@@ -17,7 +17,7 @@ from gateway.config.loader import load_config
 from gateway.errors import ConfigError
 
 from .settings import fuzz
-from .toml_text import dumps
+from .toml_text import dumps, paths
 
 DEFAULT = Path(__file__).resolve().parents[2] / "config" / "gateway.toml"
 BASE: dict[str, Any] = tomllib.loads(DEFAULT.read_text())
@@ -61,18 +61,7 @@ values = st.recursive(
 )
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out: list[tuple[Any, ...]] = [prefix] if prefix else []
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
-PATHS = _paths(BASE)
+PATHS = paths(BASE)
 KEYS = sorted({p[-1] for p in PATHS if isinstance(p[-1], str)})
 
 

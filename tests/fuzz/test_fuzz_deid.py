@@ -21,7 +21,7 @@ from gateway.deid.profiles import Profile, parse_profile
 from gateway.errors import ProfileError
 
 from .settings import fuzz
-from .toml_text import dumps
+from .toml_text import dumps, paths
 
 PROFILES = Path(__file__).resolve().parents[2] / "deid_profiles"
 BASES = [tomllib.loads((PROFILES / f"{n}.toml").read_text()) for n in ("basic", "research")]
@@ -118,24 +118,13 @@ values = st.recursive(
 )
 
 
-def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out: list[tuple[Any, ...]] = [prefix] if prefix else []
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc):
-            out += _paths(v, (*prefix, i))
-    return out
-
-
 def mutate(bases: list[dict[str, Any]], extra_keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
     @st.composite
     def strategy(draw: st.DrawFn) -> dict[str, Any]:
         doc = copy.deepcopy(draw(st.sampled_from(bases)))
-        paths = _paths(doc)
+        where = paths(doc)
         for _ in range(draw(st.integers(1, 4))):
-            path = draw(st.sampled_from(paths))
+            path = draw(st.sampled_from(where))
             parent: Any = doc
             try:
                 for part in path[:-1]:

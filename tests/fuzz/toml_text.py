@@ -53,3 +53,15 @@ def dumps(doc: dict[str, Any]) -> str:
             out.append(f"[[{key(k)}]]" if isinstance(v, list) else f"[{key(k)}]")
             out += [f"{key(kk)} = {scalar(vv)}" for kk, vv in entry.items()]
     return "\n".join(out) + "\n"
+
+
+def paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key/index path into a generated document (for mutating it at any depth)."""
+    out: list[tuple[Any, ...]] = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out += paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += paths(v, (*prefix, i))
+    return out
