@@ -138,6 +138,35 @@ def _delivery(db: Database, did: str) -> Delivery:
         return d
 
 
+def _awaiting_route(db: Database, study: str, instance_id: int, received_at: datetime) -> None:
+    """A one-instance study whose instance waits for the study route ``all``."""
+    with db.session() as s:
+        s.add(
+            Study(
+                study_instance_uid=study,
+                patient_id="",
+                patient_name="",
+                patient_birth_date="",
+                patient_sex="",
+                study_date="",
+                study_time="",
+                accession_number="",
+                study_id="",
+                study_description="",
+                referring_physician_name="",
+                modalities="CT",
+                instance_count=1,
+                first_received_at=received_at,
+                last_received_at=received_at,
+            )
+        )
+        s.add(
+            RouteCandidate(
+                instance_id=instance_id, study_instance_uid=study, route_name="all", routed=0
+            )
+        )
+
+
 def test_the_node_clock_follows_elapsed_time_not_wall_steps() -> None:
     t = FakeTime()
     clock = t.clock()
@@ -251,27 +280,7 @@ def test_deadlines_written_under_a_clock_that_was_ahead_do_not_stall(
     # a study whose last instance was recorded a day ahead is routed after its quiet period
     study = "1.2.4"
     iid = _instance(db, ahead, study)
-    with db.session() as s:
-        s.add(
-            Study(
-                study_instance_uid=study,
-                patient_id="",
-                patient_name="",
-                patient_birth_date="",
-                patient_sex="",
-                study_date="",
-                study_time="",
-                accession_number="",
-                study_id="",
-                study_description="",
-                referring_physician_name="",
-                modalities="CT",
-                instance_count=1,
-                first_received_at=ahead,
-                last_received_at=ahead,
-            )
-        )
-        s.add(RouteCandidate(instance_id=iid, study_instance_uid=study, route_name="all", routed=0))
+    _awaiting_route(db, study, iid, ahead)
     router = Router(cfg, db=db, clock=clock, metrics=Metrics())
     assert router.run_once() == 1
     with db.session() as s:
@@ -285,27 +294,7 @@ def test_study_quiet_period_follows_elapsed_time(cfg: GatewayConfig, db: Databas
     study = "1.2.5"
     now = clock.now()
     iid = _instance(db, now, study)
-    with db.session() as s:
-        s.add(
-            Study(
-                study_instance_uid=study,
-                patient_id="",
-                patient_name="",
-                patient_birth_date="",
-                patient_sex="",
-                study_date="",
-                study_time="",
-                accession_number="",
-                study_id="",
-                study_description="",
-                referring_physician_name="",
-                modalities="CT",
-                instance_count=1,
-                first_received_at=now,
-                last_received_at=now,
-            )
-        )
-        s.add(RouteCandidate(instance_id=iid, study_instance_uid=study, route_name="all", routed=0))
+    _awaiting_route(db, study, iid, now)
     router = Router(cfg, db=db, clock=clock, metrics=Metrics())
     t.step_wall(HOUR)  # a forward jump does not make the study quiet early
     t.elapse(5)
