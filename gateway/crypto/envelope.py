@@ -392,6 +392,10 @@ class SeekableEnvelopeReader(io.RawIOBase):
         if last_ct < TAG_BYTES:
             raise IntegrityError(f"envelope truncated at segment {self._count - 1}")
         self._cache: dict[int, bytes] = {}
+        # the segment the last read ended in, and its offset: pydicom reads a data set a
+        # few bytes at a time, and most reads are served from it without the general path
+        self._current: bytes = b""
+        self._current_start = 0
         last = self._segment(self._count - 1)
         self.size = (self._count - 1) * self._seg + len(last)
         self._pos = 0
@@ -445,17 +449,23 @@ class SeekableEnvelopeReader(io.RawIOBase):
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
             raise ValueError("read from a closed envelope reader")
-        end = self.size if size is None or size < 0 else min(self.size, self._pos + size)
-        parts: list[bytes] = []
         pos = self._pos
+        if size is not None and size >= 0:
+            offset = pos - self._current_start
+            if 0 <= offset and offset + size <= len(self._current):  # within the last segment
+                self._pos = pos + size
+                return self._current[offset : offset + size]
+        end = self.size if size is None or size < 0 else min(self.size, pos + size)
+        parts: list[bytes] = []
         while pos < end:
             index, offset = divmod(pos, self._seg)
             segment = self._segment(index)
             take = min(len(segment) - offset, end - pos)
             parts.append(segment[offset : offset + take])
             pos += take
+            self._current, self._current_start = segment, index * self._seg
         self._pos = max(self._pos, pos)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readall(self) -> bytes:
         return self.read(-1)
@@ -469,6 +479,7 @@ class SeekableEnvelopeReader(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self._cache.clear()
+            self._current = b""
             if self._owns:
                 self._fileobj.close()
         super().close()

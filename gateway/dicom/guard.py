@@ -36,22 +36,22 @@ import os
 import queue
 import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
+from gateway.dicom.reactor import IDLE_WAIT, WakingDUL, WakingQueue
+
 log = logging.getLogger(__name__)
 
 _OTHER_CAP = 65536
-# Before its first PDU a connection has nothing to send, so pynetdicom's 1 ms poll of it may
-# wait in select() instead: 50 idle connections otherwise keep a CPU core busy.
-_IDLE_WAIT = 0.05
 _FIXED = {0x05: 4, 0x06: 4, 0x07: 4}
 # A command set is a few hundred bytes (PS3.7 E.1); 64 KiB leaves room for any real one.
 MAX_COMMAND_SET = 65536
@@ -91,14 +91,26 @@ class GuardedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
+        """Whether a PDU can be read. pynetdicom's DUL asks this whenever it has no primitive
+        to send; when nothing at all is queued for it, this is where it waits (for the
+        peer's bytes, or a wake-up of :class:`~gateway.dicom.reactor.WakingDUL`), instead of
+        pynetdicom's 1 ms polling."""
+        dul = self.assoc.dul if isinstance(self.assoc.dul, WakingDUL) else None
+        sock = self.socket
         # After a violation nothing more is read: the rest is the same peer's garbage, and
         # reading it would audit the same connection again for every 6 bytes of it.
-        if self._violated:
+        if self._violated or sock is None or not self._is_connected:
+            if dul is not None and dul.idle():
+                dul.wait(None)
             return False
-        sock = self.socket
-        if not self._first_pdu_seen and sock is not None:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # TLS has decrypted bytes that select() cannot see
+        if dul is not None:
+            if dul.idle():
+                dul.wait(sock)
+        elif not self._first_pdu_seen:
             with contextlib.suppress(OSError, ValueError):
-                select.select([sock], [], [], _IDLE_WAIT)
+                select.select([sock], [], [], IDLE_WAIT)
         return bool(super().ready)
 
     def recv(self, nr_bytes: int) -> bytearray:
@@ -179,11 +191,20 @@ class GuardedDIMSE(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider with bounded in-memory messages and decoding errors
     turned into an A-ABORT (through the association's :class:`GuardedSocket`)."""
 
-    def __init__(self, assoc: Any, *, max_instance_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        assoc: Any,
+        *,
+        max_instance_bytes: int = 0,
+        on_message: Callable[[], None] | None = None,
+    ) -> None:
         """``max_instance_bytes``: the most a C-STORE's data set (written to its receive
-        file as it arrives) may bring; 0 for no cap."""
+        file as it arrives) may bring; 0 for no cap. ``on_message`` is called whenever a
+        complete message is queued for the association's reactor (it waits for that)."""
         super().__init__(assoc)
         self.max_instance_bytes = max_instance_bytes
+        if on_message is not None:
+            self.msg_queue = WakingQueue(on_message)
 
     def receive_primitive(self, primitive: Any) -> None:
         try:
@@ -228,11 +249,21 @@ _LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "E
 class GuardedStateMachine(StateMachine):
     """pynetdicom's upper-layer state machine; an event the state has no transition for is
     dropped instead of raised (the state's own timers still end the association: ARTIM in
-    Sta13), and an action that fails on the peer's bytes aborts through the guarded socket."""
+    Sta13), and an action that fails on the peer's bytes aborts through the guarded socket.
+
+    ``on_invalid_pdu`` hears Evt19 (an unrecognised or invalid PDU, answered with A-ABORT by
+    AA-8) once its action ran: a callback here instead of a handler of pynetdicom's
+    EVT_FSM_TRANSITION, which built an event object for every transition of every PDU."""
+
+    def __init__(self, dul: Any, *, on_invalid_pdu: Callable[[], None] | None = None) -> None:
+        super().__init__(dul)
+        self._on_invalid_pdu = on_invalid_pdu
 
     def do_action(self, event: str) -> None:
         try:
             super().do_action(event)
+            if event == "Evt19" and self._on_invalid_pdu is not None:
+                self._on_invalid_pdu()
             self._end_wait_if_idle()
         except InvalidEventError:
             log.info("upper-layer event out of order dropped", extra={"event": event})
@@ -263,4 +294,4 @@ class GuardedStateMachine(StateMachine):
             and assoc.requestor.primitive is None
             and self.dul.to_user_queue.empty()
         ):
-            self.dul.to_user_queue.put(None)
+            cast("queue.Queue[Any]", self.dul.to_user_queue).put(None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -30,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, cast
 
@@ -50,6 +51,7 @@ from gateway.dicom import spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedDIMSE, GuardedSocket, GuardedStateMachine
+from gateway.dicom.reactor import WakingDUL, run_acceptor_reactor
 from gateway.dicom.retrieve import (
     CANCEL,
     IDENTIFIER_MISMATCH,
@@ -111,6 +113,9 @@ class StoreRequest:
     sop_instance_uid: str
     transfer_syntax_uid: str
     dataset_path: Path
+    received_digest: tuple[int, str] | None = None
+    """Size and SHA-256 of the file's plaintext, taken as it was received (None: not known,
+    the spool reads the file to compute them)."""
 
 
 class AssociationListener(Protocol):
@@ -218,6 +223,19 @@ class _GatewayAssociation(Association):
     gateway_server: DicomServer | None = None
 
     gateway_address: str | None = None  # counted against max_connections_per_address
+    gateway_admitted = False  # passed the admission policy (counted while negotiating)
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        # the event-driven DUL (gateway.dicom.reactor) in place of the polling one, with
+        # the timeouts the association gave the one it made
+        self.gateway_activity = threading.Event()
+        self.dul = WakingDUL(self, activity=self.gateway_activity)
+        self.acse_timeout = self.acse_timeout
+        self.network_timeout = self.network_timeout
+
+    def _run_reactor(self) -> None:
+        run_acceptor_reactor(self)
 
     def run_reactor(self) -> None:
         try:
@@ -281,24 +299,29 @@ class _GatewayACSE(ACSE):
         calling = str(rq.calling_ae_title or "").strip()
         self.requestor.ae_title = rq.calling_ae_title
         address = str(self.requestor.address)
-        peers = [
-            a
-            for a in self.assoc.ae.active_associations
-            if a.is_acceptor and a.is_established and a is not self.assoc
-        ]
-        same = [a for a in peers if str(a.requestor.address) == address]
-        verdict = (
-            (REJECT_STOPPING, "node-stopping")
-            if self._server.stopping
-            else self._server.admission.check(
-                called=called,
-                calling=calling,
-                address=address,
-                established_total=len(peers),
-                established_from_address=len(same),
-                certificate_names=getattr(self.assoc, "gateway_certificate_names", None),
+        # Checked and taken under one lock: associations negotiating at the same moment
+        # each saw the others not yet established and all got in past the limits.
+        with self._server.admission_lock:
+            peers = [
+                a
+                for a in self.assoc.ae.active_associations
+                if a.is_acceptor and a is not self.assoc and _holds_place(a)
+            ]
+            same = [a for a in peers if str(a.requestor.address) == address]
+            verdict = (
+                (REJECT_STOPPING, "node-stopping")
+                if self._server.stopping
+                else self._server.admission.check(
+                    called=called,
+                    calling=calling,
+                    address=address,
+                    established_total=len(peers),
+                    established_from_address=len(same),
+                    certificate_names=getattr(self.assoc, "gateway_certificate_names", None),
+                )
             )
-        )
+            if verdict is None:
+                self.assoc.gateway_admitted = True  # type: ignore[attr-defined]
         if verdict is not None:
             rsd, reason = verdict
             info = AssociationInfo(getattr(self.assoc, "gateway_id", ""), calling, called, address)
@@ -318,6 +341,16 @@ class _GatewayACSE(ACSE):
             return
         self.acceptor.ae_title = called
         super()._negotiate_as_acceptor()
+
+
+def _holds_place(assoc: Any) -> bool:
+    """Whether an association counts against the association limits: established, or
+    admitted and still negotiating."""
+    if assoc.is_established:
+        return True
+    return bool(getattr(assoc, "gateway_admitted", False)) and not (
+        assoc.is_released or assoc.is_aborted or assoc.is_rejected
+    )
 
 
 # A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 3, length 4, result 2 (transient), source 3
@@ -356,6 +389,7 @@ class DicomServer:
         self._handshaking = 0  # TLS connections not yet through their handshake
         self.stopping = False  # set by stop(): new associations are refused, transient
         self._handshaking_lock = threading.Lock()
+        self.admission_lock = threading.Lock()  # association limits checked and taken at once
         # open connections per address (from accept until the handler or the association
         # thread ends), bounded by max_connections_per_address
         self._pending: dict[str, int] = {}
@@ -466,9 +500,13 @@ class DicomServer:
                 assoc.gateway_certificate_names = self.certificate_names  # type: ignore[attr-defined]
                 assoc.acse = _GatewayACSE(assoc, server_self)
                 assoc.dimse = GuardedDIMSE(
-                    assoc, max_instance_bytes=server_self.cfg.max_instance_bytes
+                    assoc,
+                    max_instance_bytes=server_self.cfg.max_instance_bytes,
+                    on_message=assoc.gateway_activity.set,
                 )
-                assoc.dul.state_machine = GuardedStateMachine(assoc.dul)
+                assoc.dul.state_machine = GuardedStateMachine(
+                    assoc.dul, on_invalid_pdu=lambda: server_self._invalid_pdu(assoc)
+                )
                 with contextlib.suppress(OSError):
                     self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -537,7 +575,6 @@ class DicomServer:
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_ESTABLISHED, self._established),
             (evt.EVT_ABORTED, self._peer_aborted),
-            (evt.EVT_FSM_TRANSITION, self._transition),
         ]
         if self.query_retrieve is not None:
             handlers.append((evt.EVT_C_FIND, self._find))
@@ -641,11 +678,13 @@ class DicomServer:
     def _peer_aborted(self, event: Any) -> None:
         self.listener.association_aborted(_info(event.assoc), "peer-abort")
 
-    def _transition(self, event: Any) -> None:
-        # Evt19: an unrecognised or invalid PDU; pynetdicom answers with A-ABORT (AA-8).
-        if event.fsm_event == "Evt19":
-            self._on_security_event("invalid-pdu")
-            self.listener.association_aborted(_info(event.assoc), "invalid-pdu")
+    def _invalid_pdu(self, assoc: Any) -> None:
+        """Evt19: an unrecognised or invalid PDU; pynetdicom answered with A-ABORT (AA-8)."""
+        self._on_security_event("invalid-pdu")
+        try:
+            self.listener.association_aborted(_info(assoc), "invalid-pdu")
+        except Exception:  # association boundary (the DUL thread): auditing it failed
+            log.exception("invalid PDU audit failed")
 
     def _echo(self, event: Any) -> int:
         try:
@@ -666,7 +705,9 @@ class DicomServer:
             dataset_path=Path(event.dataset_path),
         )
         try:
-            _check_receive_buffer(req)
+            digest = _check_receive_buffer(req)
+            if digest is not None:
+                request = replace(request, received_digest=digest)
             return self.listener.store(info, request)
         except Exception as exc:  # association boundary: answer, never kill the association
             code, reason = failure_status(exc, unexpected=st.PROCESSING_FAILURE)
@@ -910,6 +951,7 @@ class _ReceiveBuffer:
         self.file = self  # pynetdicom calls ``.file.flush()``
         self.error: OSError | None = None
         self.received = 0  # data set bytes so far (GuardedDIMSE caps it)
+        self._sha256 = hashlib.sha256()  # of the plaintext, as it arrives
         self._envelope: EnvelopeWriter | None = None
         if _receive_kek is not None:
             kek = _receive_kek
@@ -925,6 +967,7 @@ class _ReceiveBuffer:
 
     def write(self, data: bytes) -> int:
         self.received += len(data)
+        self._sha256.update(data)
         sink = self._envelope if self._envelope is not None else self._f
         self._guard(lambda: sink.write(data))
         return len(data)
@@ -939,16 +982,24 @@ class _ReceiveBuffer:
             self._guard(self._envelope.close)
         self._guard(self._f.flush)
 
+    def digest(self) -> tuple[int, str]:
+        """Size and SHA-256 of everything written (the file's plaintext)."""
+        return self.received, self._sha256.hexdigest()
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._f.close()
 
 
-def _check_receive_buffer(req: Any) -> None:
+def _check_receive_buffer(req: Any) -> tuple[int, str] | None:
+    """Finish the request's receive buffer; its plaintext's size and SHA-256 (None when the
+    buffer is not ours). Raises SpoolError when a write to it failed."""
     buffer = getattr(req, "_dataset_file", None)
-    if isinstance(buffer, _ReceiveBuffer):
-        buffer.finish()
-    if isinstance(buffer, _ReceiveBuffer) and buffer.error is not None:
+    if not isinstance(buffer, _ReceiveBuffer):
+        return None
+    buffer.finish()
+    if buffer.error is not None:
         if buffer.error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SpoolFullError("spool filesystem is full (receive buffer)")
         raise SpoolError(f"receive buffer write failed: {buffer.error.strerror}")
+    return buffer.digest()

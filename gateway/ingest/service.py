@@ -242,7 +242,7 @@ class IngestService:
         started = time.perf_counter()
         header = self._validate(request)
         self.spool.check_space()
-        size, sha256 = self.spool.digest(request.dataset_path)
+        size, sha256 = request.received_digest or self.spool.digest(request.dataset_path)
         obj = self.spool.commit(request.dataset_path, size=size, sha256=sha256)
         now = self.clock.now()
         try:

@@ -1,0 +1,187 @@
+"""Event-driven reactors for the node's acceptor associations (pynetdicom 3.0.4, pinned).
+
+pynetdicom runs two threads per association that poll: the DUL thread (PS3.8 9.2, the
+upper-layer state machine) sleeps 1 ms whenever a loop found nothing to do, and the
+association's reactor sleeps 1 ms before every look at its queues. Each request/response
+therefore waits up to ~1 ms at every hand-over (PDU read -> DIMSE message -> handler ->
+response primitive -> PDU written), and an idle association costs its process ~70 ms of CPU
+per second in wake-ups that contend for the GIL.
+
+Here both threads wait for what they wait for instead:
+
+* :class:`WakingDUL` waits in ``select()`` on the association's socket and a wake-up pipe;
+  every primitive or event queued for it from another thread (a C-STORE response, an abort,
+  the node stopping) writes a byte to the pipe. The waiting itself is in
+  :meth:`gateway.dicom.guard.GuardedSocket.ready`, which pynetdicom's loop calls when it has
+  no primitive to send; it waits only when nothing is queued.
+* :func:`run_acceptor_reactor` is pynetdicom's ``Association._run_reactor`` with its 1 ms
+  sleep replaced by a wait on an event set when a DIMSE message is complete, when the DUL
+  hands up an A-RELEASE/A-ABORT, and when the DUL thread ends.
+
+Both waits are bounded by :data:`IDLE_WAIT`, so the timers they check (ARTIM, the network
+idle timeout) keep a resolution of 50 ms, as does a stop that sets a flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dul import DULServiceProvider
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT = 0.05
+"""The longest either thread waits before looking at its timers and flags again (s)."""
+
+
+class WakingQueue(queue.Queue[Any]):
+    """A queue that calls ``on_put`` after every put (from any thread)."""
+
+    def __init__(self, on_put: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_put = on_put
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._on_put()
+
+
+class WakingDUL(DULServiceProvider):
+    """pynetdicom's DUL service provider, woken through a pipe instead of polling."""
+
+    def __init__(self, assoc: Any, *, activity: threading.Event) -> None:
+        super().__init__(assoc)
+        # the loop's own sleep after an idle pass: the wait in ready() replaces it
+        self._run_loop_delay = 0.0
+        self.activity = activity  # the association reactor's wake-up
+        self._pipe_lock = threading.Lock()
+        self._wake_r = -1
+        self._wake_w = -1
+        self.to_provider_queue = WakingQueue(self.wake)
+        self.event_queue = WakingQueue(self.wake)
+        self.to_user_queue = WakingQueue(activity.set)
+
+    def wake(self) -> None:
+        """Make a wait in :meth:`wait` return (harmless when nothing waits)."""
+        with self._pipe_lock:
+            if self._wake_w < 0:  # not started yet or ended: nothing waits on the pipe
+                return
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
+                pass
+
+    def idle(self) -> bool:
+        """Nothing queued for the state machine: the loop may wait."""
+        return self.to_provider_queue.empty() and self.event_queue.empty()
+
+    def wait(self, sock: Any, timeout: float = IDLE_WAIT) -> None:
+        """Wait until ``sock`` (None: only the pipe) is readable, :meth:`wake` is called or
+        ``timeout`` passes; pending wake-ups are consumed."""
+        fds: list[Any] = [self._wake_r] if self._wake_r >= 0 else []
+        if sock is not None:
+            fds.append(sock)
+        if not fds:
+            time.sleep(min(timeout, 0.001))
+            return
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except (OSError, ValueError):  # the socket closed under us: the caller finds out
+            return
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+
+    def run_reactor(self) -> None:
+        with self._pipe_lock:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+        try:
+            super().run_reactor()
+        finally:
+            with self._pipe_lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
+            self.activity.set()  # the association reactor sees the DUL gone
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        """pynetdicom's ``stop_dul`` (Sta1 only), which wakes the loop to see the flag."""
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self.wake()
+            while self.is_alive():
+                time.sleep(0.001)
+            return True
+        return False
+
+
+def run_acceptor_reactor(assoc: Any) -> None:
+    """pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor), waiting on
+    ``assoc.dul.activity`` instead of sleeping 1 ms per loop; otherwise the same steps in
+    the same order: serve a complete DIMSE message, answer a release, end on an abort, on
+    the DUL thread's end and on the network idle timeout."""
+    dul: WakingDUL = assoc.dul
+    activity = dul.activity
+    assoc._is_paused = False
+    while not assoc._kill:
+        if assoc.dimse.msg_queue.empty():
+            activity.wait(IDLE_WAIT)
+        activity.clear()  # before looking: a put after this sets it again
+
+        # paused while a handler sends on this association itself (send_* methods)
+        assoc._is_paused = True
+        assoc._reactor_checkpoint.wait()
+        assoc._is_paused = False
+
+        context_id, msg = assoc.dimse.get_msg(block=False)
+        if msg:
+            assoc._serve_request(msg, context_id)
+
+        if assoc.is_established and assoc.acse.is_release_requested():
+            assoc.acse.send_release(is_response=True)
+            log.debug("association released")
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+
+        if assoc.acse.is_aborted():
+            dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+
+        if not dul.is_alive():
+            assoc.kill()
+            return
+
+        if dul.idle_timer_expired():
+            log.info("network timeout reached")
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc._is_paused = True
+                assoc._reactor_checkpoint.wait()
+                assoc.release()
+                assoc._is_paused = False
+            else:
+                assoc.abort()
+            assoc.kill()
+            return
