@@ -59,9 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="only these systems (ingest: node, dcmtk-storescp, dcmtk-storescp-ignore, "
         "orthanc, pynetdicom-scp; e2e: node-stream, node-study, orthanc-router, direct, "
-        "node-stream-basic; deid: node-basic-file, node-basic-gate, "
-        "node-basic-nogate, dicognito, pydicom-deid; sealed-transfer: peer-sealed, "
-        "peer-plain-cstore, aes-256-gcm-raw, spool-write-sealed, spool-write-plain)",
+        "node-stream-basic, node-peer-stream, node-peer-stream-basic; deid: node-basic-file, "
+        "node-basic-gate, node-basic-nogate, dicognito, pydicom-deid; sealed-transfer: "
+        "peer-sealed, peer-plain-cstore, aes-256-gcm-raw, spool-write-sealed, spool-write-plain)",
     )
     p.add_argument(
         "--datasets",
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 "default deid recipe), one process pinned to one CPU, as the node's basic",
                 "node A -> node B (sealed-transfer scenario)": "two nodes as above, study "
                 "route, peer destination (HPKE, mutual TLS) or plain C-STORE",
+                "node A -> node B -> Orthanc (e2e node-peer-stream*)": "two nodes as above, "
+                "stream routes, A to B as a peer destination (HPKE, mutual TLS)",
             },
         },
         "scenarios": {},

@@ -70,6 +70,8 @@ def _e2e_md(result: dict[str, Any]) -> list[str]:
         f"to {result['quiet_seconds']} s and subtracted; the node's worker/routing intervals "
         f"are {result['node_worker_intervals']} s.",
         "",
+        f"Peer channel: {result['peer_channel']}.",
+        "",
         "| path | seconds to last held | excl. quiet | sender done s | "
         "router peak RSS MiB | router CPU ms/inst | load |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -85,6 +87,27 @@ def _e2e_md(result: dict[str, Any]) -> list[str]:
             f"{_cell(s, 'router_peak_rss_mib')} | {_cell(s, 'router_cpu_ms_per_instance', 2)} | "
             f"{_cell(s, 'load_1min')} |"
         )
+    pairs = [
+        r for r in result["rows"] if "summary" in r and "node_a_cpu_ms_per_instance" in r["summary"]
+    ]
+    if pairs:
+        lines += [
+            "",
+            "Node A -> node B over the peer channel, each node on its own:",
+            "",
+            "| path | A CPU ms/inst | B CPU ms/inst | A peak RSS MiB | B peak RSS MiB | "
+            "A->B deliveries | B->Orthanc deliveries |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in pairs:
+            s = row["summary"]
+            lines.append(
+                f"| {row['system']} | {_cell(s, 'node_a_cpu_ms_per_instance', 2)} | "
+                f"{_cell(s, 'node_b_cpu_ms_per_instance', 2)} | "
+                f"{_cell(s, 'node_a_peak_rss_mib')} | {_cell(s, 'node_b_peak_rss_mib')} | "
+                f"{_cell(s, 'peer_deliveries', 0)} | "
+                f"{_cell(s, 'deliveries', 0)} |"
+            )
     lines += [
         "",
         f"Ratios, {result['ratio_meaning']}:",
@@ -266,7 +289,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("failures"):
         lines += ["", "## Failed measurements (no figure reported)", ""]
         lines += [f"- {item}" for item in doc["failures"]]
-    lines += ["", "## Not measured yet", ""]
+    if doc["not_measured"]:
+        lines += ["", "## Not measured yet", ""]
     for item in doc["not_measured"]:
         lines.append(f"- {item['title']}: {item['reason']}.")
     if doc.get("node_configs"):

@@ -70,6 +70,15 @@ class Settings:
             self._data[name] = data.ensure(name, self.scale, self.work / "data")
         return self._data[name]
 
+    def node_worker(self) -> dict[str, Any]:
+        """The nodes' ``[worker]`` in the e2e and sealed-transfer runs: config/gateway.toml's
+        defaults with the poll and routing intervals at ``worker_interval``."""
+        return {
+            **NODE_DEFAULT_WORKER,
+            "poll_interval": self.worker_interval,
+            "routing_interval": self.worker_interval,
+        }
+
     def fresh_dir(self, label: str) -> Path:
         path = self.work / "run" / label
         if path.exists():
@@ -300,58 +309,84 @@ function OnStoredInstance(instanceId, tags, metadata, origin)
 end
 """
 
-E2E_ORDER = ("node-stream", "node-stream-basic", "node-study", "orthanc-router", "direct")
+E2E_PEER = ("node-peer-stream", "node-peer-stream-basic")
+E2E_NODES = ("node-stream", "node-stream-basic", "node-study", *E2E_PEER)
+E2E_ORDER = (*E2E_NODES, "orthanc-router", "direct")
 E2E_DEFAULT = frozenset(E2E_ORDER)
-"""``node-stream-basic`` is the stream route with ``profile = "basic"``: the run fails, rather
-than report a figure, if what arrives at the destination still carries the original
-PatientID."""
+"""``*-basic`` is the stream route with ``profile = "basic"`` (on node A's route for the peer
+systems): the run fails, rather than report a figure, if what arrives at the destination still
+carries the original PatientID.  ``node-peer-stream*``: storescu -> node A, whose stream route
+sends to node B as a ``peer`` destination (HPKE-sealed packages over mutual TLS) -> node B
+(peer endpoint on), whose stream route sends to Orthanc as a DICOM destination."""
 
 
-def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> dict[str, float]:
+def _e2e_route(settings: Settings, system: str) -> dict[str, Any]:
+    """The route of a node system's (first) node, without its name and destinations."""
+    if system == "node-study":
+        return {"mode": "study", "quiet_seconds": settings.quiet_seconds}
+    return {"mode": "stream", **({"profile": "basic"} if system.endswith("-basic") else {})}
+
+
+def _e2e_middle(
+    settings: Settings, system: str, root: Path, dest_port: int, keys: Path | None
+) -> list[Receiver]:
+    """What ``system`` puts between storescu and the destination Orthanc, in path order (not
+    started; nothing for ``direct``).  ``keys``: the peer pair's material (_key_material)."""
+    if system == "orthanc-router":
+        modalities = {"dest": ("DEST", LOOPBACK, dest_port)}
+        return [
+            OrthancReceiver(
+                root / "router",
+                aet="ROUTER",
+                modalities=modalities,
+                lua=ROUTER_LUA,
+                name="orthanc-router",
+            )
+        ]
+    if not system.startswith("node-"):
+        return []
+    destinations = [{"name": "dest", "ae_title": "DEST", "host": LOOPBACK, "port": dest_port}]
+    to_dest = {"name": "bench", "destinations": ["dest"]}
+    if system in E2E_PEER:
+        assert keys is not None, "the peer systems need the pair's key material"
+        a, b = _node_pair(
+            settings,
+            root,
+            sealed=True,
+            keys=keys,
+            a_route=_e2e_route(settings, system),
+            b_destinations=destinations,
+            b_routes=[{**to_dest, "mode": "stream"}],
+        )
+        return [NodeReceiver(a, f"{system} node A"), NodeReceiver(b, f"{system} node B")]
+    options = NodeOptions(
+        destinations=destinations,
+        routes=[{**to_dest, **_e2e_route(settings, system)}],
+        worker=settings.node_worker(),
+    )
+    return [NodeReceiver.configured(root / "node", options, name=system)]
+
+
+def _e2e_once(
+    settings: Settings, system: str, ds: data.DataSet, label: str, keys: Path | None = None
+) -> dict[str, float]:
     root = settings.fresh_dir(label)
     dest = OrthancReceiver(root / "dest", aet="DEST", name="orthanc-dest")
-    middle: Receiver | None = None
+    middle: list[Receiver] = []
     procs: list[subprocess.Popen[bytes]] = []
     forwarded: dict[str, float] = {}
     dest.start()
     try:
-        destination = ("DEST", "127.0.0.1", dest.port)
-        if system == "orthanc-router":
-            middle = OrthancReceiver(
-                root / "router",
-                aet="ROUTER",
-                modalities={"dest": destination},
-                lua=ROUTER_LUA,
-                name="orthanc-router",
-            )
-        elif system.startswith("node-"):
-            route: dict[str, Any] = {"name": "bench", "destinations": ["dest"]}
-            if system.startswith("node-stream"):
-                route["mode"] = "stream"
-                if system == "node-stream-basic":
-                    route["profile"] = "basic"
-            else:
-                route.update(mode="study", quiet_seconds=settings.quiet_seconds)
-            options = NodeOptions(
-                destinations=[
-                    {"name": "dest", "ae_title": "DEST", "host": "127.0.0.1", "port": dest.port}
-                ],
-                routes=[route],
-                worker={
-                    **NODE_DEFAULT_WORKER,
-                    "poll_interval": settings.worker_interval,
-                    "routing_interval": settings.worker_interval,
-                },
-            )
-            middle = NodeReceiver(root / "node", options, name=system)
-            settings.node_configs.setdefault(f"e2e {system}", middle.config_text)
-        if middle is not None:
-            middle.start()
-        target: Receiver = middle if middle is not None else dest
-        wait_idle(dest.pid)
-        if middle is not None:
-            wait_idle(middle.pid)
-        monitor = TreeMonitor(middle.pid).start() if middle is not None else None
+        middle = _e2e_middle(settings, system, root, dest.port, keys)
+        nodes = [m for m in middle if isinstance(m, NodeReceiver)]
+        for node in nodes:
+            settings.node_configs.setdefault(f"e2e {node.name}", node.config_text)
+        for hop in reversed(middle):  # the last hop first: up before what sends to it
+            hop.start()
+        target: Receiver = middle[0] if middle else dest
+        for receiver in (dest, *middle):
+            wait_idle(receiver.pid)
+        monitors = [TreeMonitor(hop.pid).start() for hop in middle]
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         procs = start_storescu(target.ae_title, target.port, ds.files, 1, root / "storescu.log")
@@ -373,10 +408,15 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
         if sent is None:
             wait_storescu(procs, settings.timeout)
             sent = time.perf_counter() - t0
-        usage = monitor.stop() if monitor is not None else None
-        if isinstance(middle, NodeReceiver):
-            forwarded = middle.forward_counts()
-        if system == "node-stream-basic":
+        usages = [m.stop() for m in monitors]
+        if nodes:  # the last node forwards to Orthanc; node A's deliveries went to node B
+            forwarded = nodes[-1].forward_counts()
+            for node in nodes[:-1]:
+                counts = node.forward_counts()
+                forwarded.update(
+                    {f"peer_{k}": counts[k] for k in ("deliveries", "failed_attempts")}
+                )
+        if system.endswith("-basic"):
             first = dest.server.instances()[0]
             patient = dest.server.instance_tags(first).get("PatientID")
             if patient == ORIGINAL_CT_PATIENT_ID:
@@ -384,8 +424,8 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
     finally:
         for p in procs:
             stop_process(p, timeout=5)
-        if middle is not None:
-            middle.stop()
+        for hop in middle:
+            hop.stop()
         dest.stop()
     shutil.rmtree(root, ignore_errors=True)
     result = {
@@ -397,9 +437,15 @@ def _e2e_once(settings: Settings, system: str, ds: data.DataSet, label: str) -> 
     if system == "node-study":
         result["seconds_excluding_quiet"] = done - settings.quiet_seconds
     result.update(forwarded)  # the node's associations opened/reused and deliveries
-    if usage is not None:
-        result["router_peak_rss_mib"] = usage.peak_rss_mib
-        result["router_cpu_ms_per_instance"] = 1000 * usage.cpu_seconds / ds.instances
+    if usages:  # a node pair's two processes added up (CPU, and peaks: an upper bound)
+        result["router_peak_rss_mib"] = sum(u.peak_rss_mib for u in usages)
+        result["router_cpu_ms_per_instance"] = (
+            1000 * sum(u.cpu_seconds for u in usages) / ds.instances
+        )
+    if system in E2E_PEER:
+        for side, usage in zip(("node_a", "node_b"), usages, strict=True):
+            result[f"{side}_cpu_ms_per_instance"] = 1000 * usage.cpu_seconds / ds.instances
+            result[f"{side}_peak_rss_mib"] = usage.peak_rss_mib
     return result
 
 
@@ -409,6 +455,9 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
     else:
         systems = [s for s in E2E_ORDER if s in settings.systems]
     ds = settings.dataset("ct")
+    keys = None
+    if any(s in E2E_PEER for s in systems):
+        keys = _key_material(settings, settings.fresh_dir("e2e-peer-keys"))
 
     def describe(result: dict[str, float]) -> str:
         extra = (
@@ -416,6 +465,8 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
             if "seconds_excluding_quiet" in result
             else ""
         )
+        if "peer_deliveries" in result:
+            extra += f", A->B {result['peer_deliveries']:.0f} deliveries"
         if "deliveries" in result:
             extra += (
                 f", {result['deliveries']:.0f} deliveries, associations "
@@ -431,7 +482,7 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
         settings,
         systems,
         "e2e ct x1",
-        lambda system, rep: _e2e_once(settings, system, ds, f"e2e-{system}-{rep}"),
+        lambda system, rep: _e2e_once(settings, system, ds, f"e2e-{system}-{rep}", keys),
         describe,
     )
     rows: list[dict[str, Any]] = [
@@ -447,14 +498,22 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
         return None
 
     ratios = []
-    for node in ("node-stream", "node-stream-basic", "node-study"):
+    for node in E2E_NODES:
         for peer in ("orthanc-router", "direct"):
             a, b = median(node), median(peer)
             if a is not None and b is not None:
                 ratios.append({"node": node, "peer": peer, "time": _ratio(a, b)})
     return {
         "dataset": ds.describe(),
-        "path": "storescu -> [node | Orthanc auto-router | nothing] -> Orthanc (AET DEST)",
+        "path": (
+            "storescu -> [node | node A -> peer channel -> node B | Orthanc auto-router | "
+            "nothing] -> Orthanc (AET DEST)"
+        ),
+        "peer_channel": (
+            f"node-peer-stream*: node A's stream route to node B as a {PEER_DESTINATION}; B's "
+            f"stream route to Orthanc as a DICOM destination; {PAIR_KEYS}. Router columns: A "
+            "and B added up (CPU; peak RSS as the sum of each one's peak)"
+        ),
         "measure": (
             "seconds from starting storescu (first byte) to the destination Orthanc holding "
             "every instance (REST /statistics polled every 50 ms)"
@@ -630,6 +689,15 @@ SEALED_ORDER = (SEALED_TRANSFER, PLAIN_TRANSFER, RAW_AES, SPOOL_SEALED, SPOOL_PL
 SEALED_TRANSFERS = (SEALED_TRANSFER, PLAIN_TRANSFER)
 RAW_AES_BYTES = 64 * MIB
 """Bytes AESGCM.encrypt runs over per repetition (1 MiB segments, one core)."""
+PEER_DESTINATION = (
+    'type = "peer" destination: package sealed for B (HPKE X25519, AES-256-GCM envelopes), '
+    "HTTPS with mutual TLS, signed manifest and receipt"
+)
+PAIR_KEYS = (
+    "key material from keys init with one deployment CA and peers export/add both ways, made "
+    "once and copied into each run's state folders"
+)
+"""How the node pair of scenarios 2 (node-peer-stream*) and 5 is described in the results."""
 
 
 def _trust(giver: GatewayNode, taker: GatewayNode) -> None:
@@ -640,27 +708,34 @@ def _trust(giver: GatewayNode, taker: GatewayNode) -> None:
 
 
 def _node_pair(
-    settings: Settings, root: Path, system: str, keys: Path | None = None
+    settings: Settings,
+    root: Path,
+    sealed: bool,
+    keys: Path | None = None,
+    *,
+    a_route: dict[str, Any] | None = None,
+    b_destinations: Sequence[dict[str, Any]] = (),
+    b_routes: Sequence[dict[str, Any]] = (),
 ) -> tuple[GatewayNode, GatewayNode]:
-    """Node A (study route to B: ``type = "peer"`` or a DICOM destination, no profile) and
-    node B (peer endpoint on, no route), trusting each other whichever way A sends.  Their key
-    material and peer entries are copied from ``keys`` (a pair made by
-    :func:`_key_material`), so a run spends no time on ``keys init`` and ``peers add``."""
+    """Node A (a route to B: ``type = "peer"`` when ``sealed``, else a DICOM destination) and
+    node B (peer endpoint on, ``b_destinations`` and ``b_routes``; none by default), trusting
+    each other whichever way A sends.  A's route is ``a_route`` (mode, profile...; by default
+    a study route with the quiet period, no profile).  Their key material and peer entries are
+    copied from ``keys`` (a pair made by :func:`_key_material`), so a run spends no time on
+    ``keys init`` and ``peers add``."""
     a_port, b_port = free_port(), free_port()
-    worker = {
-        **NODE_DEFAULT_WORKER,
-        "poll_interval": settings.worker_interval,
-        "routing_interval": settings.worker_interval,
-    }
+    worker = settings.node_worker()
     b = GatewayNode(
         root / "b",
         name="node-b",
         ae_title="NODEB",
         peer={"port": b_port},
         peers=[{"name": "node-a", "url": f"https://{LOOPBACK}:{a_port}"}],
+        destinations=b_destinations,
+        routes=b_routes,
         worker=worker,
     )
-    if system == SEALED_TRANSFER:
+    if sealed:
         destination: dict[str, Any] = {"name": "b", "type": "peer", "peer": "node-b"}
     else:
         destination = {"name": "b", "ae_title": "NODEB", "host": LOOPBACK, "port": b.port}
@@ -675,8 +750,7 @@ def _node_pair(
             {
                 "name": "to-b",
                 "destinations": ["b"],
-                "mode": "study",
-                "quiet_seconds": settings.quiet_seconds,
+                **(a_route or {"mode": "study", "quiet_seconds": settings.quiet_seconds}),
             }
         ],
         worker=worker,
@@ -692,7 +766,7 @@ def _key_material(settings: Settings, root: Path) -> Path:
     ``keys init --ca`` and each other's ``peers export``/``peers add``, made once per run of
     the scenario and copied into every pair's fresh state folders."""
     ca_init(root / "ca")
-    a, b = _node_pair(settings, root, SEALED_TRANSFER)
+    a, b = _node_pair(settings, root, sealed=True)
     for node in (a, b):
         node.cli("keys", "init", "--ca", str(root / "ca"), check=True)
     _trust(b, a)
@@ -711,7 +785,7 @@ def _transfer_once(
     settings: Settings, system: str, ds: data.DataSet, keys: Path, label: str
 ) -> dict[str, float]:
     root = settings.fresh_dir(label)
-    a, b = _node_pair(settings, root, system, keys)
+    a, b = _node_pair(settings, root, system == SEALED_TRANSFER, keys)
     settings.node_configs.setdefault(f"sealed-transfer {system} node A", a.config_path.read_text())
     settings.node_configs.setdefault(f"sealed-transfer {system} node B", b.config_path.read_text())
     procs: list[subprocess.Popen[bytes]] = []
@@ -845,9 +919,8 @@ def run_sealed_transfer(settings: Settings) -> dict[str, Any]:
         "node_worker_intervals": settings.worker_interval,
         "raw_aes_bytes": RAW_AES_BYTES,
         "method": (
-            "two fresh nodes on loopback per run (SQLite index, encrypted spool, audit; key "
-            "material from keys init with one deployment CA and peers export/add both ways, "
-            "made once and copied into each run's state folders); storescu (one "
+            f"two fresh nodes on loopback per run (SQLite index, encrypted spool, audit; "
+            f"{PAIR_KEYS}); storescu (one "
             "association) -> node A, whose study route (quiet_seconds subtracted, no profile) "
             "sends to node B, timed until B's index holds every instance (its SQLite "
             "`instances` polled every 50 ms). MB/s: data set bytes / (seconds - quiet); A->B "
@@ -855,8 +928,7 @@ def run_sealed_transfer(settings: Settings) -> dict[str, Any]:
             "last instance reached A. MB = 2^20 bytes, as in scenario 1"
         ),
         "tools": {
-            SEALED_TRANSFER: 'A\'s destination type = "peer": package sealed for B (HPKE '
-            "X25519, AES-256-GCM envelopes), HTTPS with mutual TLS, signed manifest and receipt",
+            SEALED_TRANSFER: f"A's destination a {PEER_DESTINATION}",
             PLAIN_TRANSFER: "A's destination a DICOM destination (B's AE NODEB, plain C-STORE)",
             RAW_AES: f"AESGCM.encrypt of {RAW_AES_BYTES // MIB} MiB in 1 MiB segments, one core "
             "(bench/crypto_throughput.py raw_encrypt_seconds)",
@@ -968,12 +1040,6 @@ class Scenario:
 REGISTRY: tuple[Scenario, ...] = (
     Scenario("ingest", "1. Ingest: storescu -> receiver", run_ingest),
     Scenario("e2e", "2. End to end: storescu -> router -> Orthanc", run_e2e),
-    Scenario(
-        "e2e-peer-channel",
-        "2c. End to end through a second node over the peer channel",
-        None,
-        "not built into the harness yet (needs the node's peer destinations)",
-    ),
     Scenario("deid", "3. De-identification: `basic` vs dicognito and pydicom/deid", run_deid),
     Scenario("pixels", "4. Pixels: frames/s cleaning, cleaning + OCR check", run_pixels),
     Scenario(

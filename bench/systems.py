@@ -247,20 +247,29 @@ class NodeReceiver:
     """``dicom-gateway serve`` with its real configuration: durable spool (fsync), SQLite
     index and audit chain, defaults for everything not named here."""
 
-    def __init__(self, root: Path, options: NodeOptions | None = None, name: str = "node") -> None:
-        opts = options or NodeOptions()
+    def __init__(self, node: GatewayNode, name: str = "node") -> None:
+        """``node`` configured, not started (e.g. one of the peer pair of bench.scenarios)."""
         self.name = name
-        self.node = GatewayNode(
+        self.node = node
+        self.ae_title = node.ae_title
+        self.port = node.port
+        self.settings = f"dicom-gateway serve -c {node.config_path}"
+        self.config_text = node.config_path.read_text()
+
+    @classmethod
+    def configured(
+        cls, root: Path, options: NodeOptions | None = None, name: str = "node"
+    ) -> NodeReceiver:
+        """A node in ``root`` with ``options`` and its defaults otherwise."""
+        opts = options or NodeOptions()
+        node = GatewayNode(
             root,
             destinations=opts.destinations,
             routes=opts.routes,
             worker=opts.worker,
             allow=[{"called_ae": "GATEWAY", "calling_ae": ["*"], "addresses": [LOOPBACK]}],
         )
-        self.ae_title = self.node.ae_title
-        self.port = self.node.port
-        self.settings = f"worker {opts.worker}"
-        self.config_text = self.node.config_path.read_text()
+        return cls(node, name)
 
     @property
     def pid(self) -> int:
@@ -305,7 +314,7 @@ IngestFactory = Callable[[Path, int], Receiver]
 """(fresh folder, concurrent associations) -> a receiver not started yet."""
 
 INGEST_SYSTEMS: dict[str, IngestFactory] = {
-    "node": lambda root, conc: NodeReceiver(root),
+    "node": lambda root, conc: NodeReceiver.configured(root),
     "dcmtk-storescp": lambda root, conc: Storescp(root, ignore=False, concurrency=conc),
     "dcmtk-storescp-ignore": lambda root, conc: Storescp(root, ignore=True, concurrency=conc),
     "orthanc": lambda root, conc: OrthancReceiver(root),

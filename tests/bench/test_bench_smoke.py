@@ -124,12 +124,79 @@ def test_bench_smoke(tmp_path: Path) -> None:
 
     md = (out / "latest.md").read_text()
     assert "| small | 1 | node |" in md
-    assert "## Not measured yet" in md
+    assert ("## Not measured yet" in md) == bool(doc["not_measured"])
     if doc.get("charts"):
         for name in doc["charts"]:
             assert (out / name).read_bytes()[:4] == b"\x89PNG"
     else:
         assert "matplotlib" in doc["charts_note"]
+
+
+@pytest.mark.timeout(120)
+def test_bench_smoke_e2e_peer(tmp_path: Path) -> None:
+    """Scenario 2 through two nodes (2 CT instances): storescu -> node A -> peer channel ->
+    node B -> Orthanc, without a profile and with ``basic`` on A's route, beside direct."""
+    if not in_private_netns() and not _can_unshare():
+        pytest.skip("needs a private network namespace (scripts/test) or unshare -n")
+    out = tmp_path / "results"
+    systems = ["node-peer-stream", "node-peer-stream-basic"]
+    proc = subprocess.run(
+        [
+            str(RUN),
+            "--scale",
+            "0.004",
+            "--repeat",
+            "1",
+            "--scenarios",
+            "e2e",
+            "--systems",
+            ",".join([*systems, "direct"]),
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+            "--no-charts",
+        ],
+        cwd=REPO,
+        env={**os.environ, "BENCH_SKIP_BOOTSTRAP": "1"},
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
+
+    e2e = doc["scenarios"]["e2e"]["result"]
+    assert [r["system"] for r in e2e["rows"]] == [*systems, "direct"]
+    for row in e2e["rows"][:2]:
+        assert len(row["runs"]) == 1
+        summary = row["summary"]
+        for key in (
+            "seconds",
+            "sender_seconds",
+            "router_cpu_ms_per_instance",
+            "router_peak_rss_mib",
+            "node_a_cpu_ms_per_instance",
+            "node_b_cpu_ms_per_instance",
+            "node_a_peak_rss_mib",
+            "node_b_peak_rss_mib",
+            "peer_deliveries",  # A -> B over the peer channel
+            "deliveries",  # B -> Orthanc
+        ):
+            _positive(summary, key)
+    assert [(r["node"], r["peer"]) for r in e2e["ratios"]] == [(s, "direct") for s in systems]
+    assert all(r["time"] > 0 for r in e2e["ratios"])
+
+    configs = doc["node_configs"]
+    for system in systems:
+        a, b = configs[f"e2e {system} node A"], configs[f"e2e {system} node B"]
+        assert 'type = "peer"' in a and 'mode = "stream"' in a
+        assert ('profile = "basic"' in a) == system.endswith("-basic")
+        assert "[peer]\nenabled = true" in b and 'mode = "stream"' in b and "profile" not in b
+
+    md = (out / "latest.md").read_text()
+    assert "| node-peer-stream-basic | direct |" in md
+    assert "Node A -> node B over the peer channel" in md
 
 
 @pytest.mark.timeout(150)
