@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "multi-frame (default 1)",
     )
     p.add_argument("--quick", action="store_true", help=f"same as --scale {QUICK_SCALE}")
+    p.add_argument(
+        "--worker-in-process",
+        action="store_true",
+        help="forwarding nodes (e2e, sealed transfer) run their delivery workers in the serve "
+        "process (default: worker.separate_process = true)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="repetitions per measurement (3)")
     p.add_argument(
         "--scenarios",
@@ -185,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         quiet_seconds=args.quiet_seconds,
         scale_factors=args.scale_factors,
+        separate_worker=not args.worker_in_process,
         log=log,
     )
     doc: dict[str, Any] = {

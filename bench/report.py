@@ -68,7 +68,8 @@ def _e2e_md(result: dict[str, Any]) -> list[str]:
         f"{result['path']}; {ds['instances']} CT instances ({ds['total_bytes'] / 1e6:.1f} MB), "
         f"one association. Time: {result['measure']}. The study route's quiet period is set "
         f"to {result['quiet_seconds']} s and subtracted; the node's worker/routing intervals "
-        f"are {result['node_worker_intervals']} s.",
+        f"are {result['node_worker_intervals']} s; delivery workers: "
+        f"{result.get('node_worker_process', 'in serve')} process.",
         "",
         f"Peer channel: {result['peer_channel']}.",
         "",
@@ -172,7 +173,8 @@ def _sealed_md(result: dict[str, Any]) -> list[str]:
     lines = [
         f"{ds['instances']} CT instances ({ds['total_bytes'] / 1e6:.1f} MB). Method: "
         f"{result['method']}. Quiet period {result['quiet_seconds']} s, worker/routing "
-        f"intervals {result['node_worker_intervals']} s.",
+        f"intervals {result['node_worker_intervals']} s; delivery workers: "
+        f"{result.get('node_worker_process', 'in serve')} process.",
         "",
         "What: " + "; ".join(f"`{k}`: {v}" for k, v in result["tools"].items()) + ".",
         "",

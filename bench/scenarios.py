@@ -54,6 +54,8 @@ class Settings:
     quiet_seconds: float = 1.0
     scale_factors: tuple[int, ...] = SCALE_FACTORS
     worker_interval: float = 0.1
+    separate_worker: bool = True
+    """``worker.separate_process`` of the forwarding nodes (e2e, sealed transfer)."""
     timeout: float = 900.0
     log: Callable[[str], None] = print
     failures: list[str] = field(default_factory=list)
@@ -72,11 +74,13 @@ class Settings:
 
     def node_worker(self) -> dict[str, Any]:
         """The nodes' ``[worker]`` in the e2e and sealed-transfer runs: config/gateway.toml's
-        defaults with the poll and routing intervals at ``worker_interval``."""
+        defaults with the poll and routing intervals at ``worker_interval`` and the workers in
+        a process of their own unless ``separate_worker`` is off (``--worker-in-process``)."""
         return {
             **NODE_DEFAULT_WORKER,
             "poll_interval": self.worker_interval,
             "routing_interval": self.worker_interval,
+            "separate_process": self.separate_worker,
         }
 
     def fresh_dir(self, label: str) -> Path:
@@ -520,6 +524,7 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
         ),
         "quiet_seconds": settings.quiet_seconds,
         "node_worker_intervals": settings.worker_interval,
+        "node_worker_process": "separate" if settings.separate_worker else "in serve",
         "router_lua": ROUTER_LUA.strip(),
         "rows": rows,
         "ratios": ratios,
@@ -917,6 +922,7 @@ def run_sealed_transfer(settings: Settings) -> dict[str, Any]:
         "systems": systems,
         "quiet_seconds": settings.quiet_seconds,
         "node_worker_intervals": settings.worker_interval,
+        "node_worker_process": "separate" if settings.separate_worker else "in serve",
         "raw_aes_bytes": RAW_AES_BYTES,
         "method": (
             f"two fresh nodes on loopback per run (SQLite index, encrypted spool, audit; "

@@ -32,13 +32,21 @@ from gateway.transfer.destinations import Destination, build_destinations
 from gateway.transfer.pipeline import Pipeline
 from gateway.transfer.prepare import DeidStep, check_profiles
 from gateway.transfer.worker import Worker
+from gateway.worker_process import METRICS_FILE, ChildWakeup, WorkerProcess
 
 log = logging.getLogger(__name__)
 
 
 class Node:
-    def __init__(self, cfg: GatewayConfig, *, clock: Clock | None = None) -> None:
+    """The node's parts. ``role`` "serve" is the node (listeners, ingest, router, metrics
+    and, unless ``worker.separate_process``, the delivery worker); "worker" is the delivery
+    worker's own process (:mod:`gateway.worker_process`), started by :meth:`start_worker`."""
+
+    def __init__(
+        self, cfg: GatewayConfig, *, clock: Clock | None = None, role: str = "serve"
+    ) -> None:
         self.cfg = cfg
+        self.role = role
         self.clock = clock or SystemClock()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
@@ -93,6 +101,12 @@ class Node:
             metrics=self.metrics,
             destinations=destinations,
         )
+        # the worker in a process of its own: what wakes it here writes to its pipe
+        self.worker_process: WorkerProcess | None = None
+        if role == "serve" and cfg.worker.enabled and cfg.worker.separate_process:
+            wakeup = ChildWakeup()
+            self.worker.wakeup = wakeup
+            self.worker_process = WorkerProcess(cfg, wakeup, on_exit=self._worker_exited)
         self.ingest = IngestService(
             cfg,
             db=self.db,
@@ -190,18 +204,27 @@ class Node:
                 "removed unacknowledged spool files left by a crash", extra={"count": removed}
             )
         if self.cfg.metrics.enabled:
-            self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            self.metrics.serve(
+                self.cfg.metrics.host,
+                self.cfg.metrics.port,
+                relayed=self.cfg.state_dir / METRICS_FILE
+                if self.worker_process is not None
+                else None,
+            )
         if self.audit_exporter is not None:
             self.audit_exporter.start()
         # before the listeners: every row of what the node serves follows its start row
         self._audit_application(
             "started", {"version": __version__, "recovered_spool_files": removed}
         )
+        if self.worker_process is not None:
+            self.worker_process.start()  # ready to deliver before anything is received
         self.server.start()
         if self.peer_server is not None:
             self.peer_server.start()
         if self.cfg.worker.enabled:
-            self.worker.start()
+            if self.worker_process is None:
+                self.worker.start()
             self._housekeeping = threading.Thread(
                 target=self._housekeep, name="router", daemon=True
             )
@@ -209,6 +232,26 @@ class Node:
         log.info(
             "node started", extra={"ae_title": self.cfg.dicom.ae_title, "port": self.server.port}
         )
+
+    def start_worker(self) -> None:
+        """The worker process's start: the deliveries only (``serve`` migrated the index,
+        recovered the spool and runs everything else)."""
+        check_profiles(self.cfg)
+        if any(route.profile for route in self.cfg.routes) or any(
+            grant.profile for grant in self.cfg.qr.grants
+        ):
+            self.deid_step.key()
+        # files prepared by a previous worker process that was killed
+        shutil.rmtree(self.deid_step.outgoing_dir, ignore_errors=True)
+        self.worker.start()
+        log.info("worker process started", extra={"threads": self.cfg.worker.threads})
+
+    def stop_worker(self, grace: float = 10.0) -> None:
+        self.worker.stop(timeout=grace)
+        self.db.dispose()
+
+    def _worker_exited(self, code: int) -> None:
+        self._audit_application("worker-exited", {"exit_code": code})
 
     def _audit_application(self, outcome: str, detail: dict[str, object]) -> None:
         """The node's own start and stop, in the audit (ATNA Application Start/Stop)."""
@@ -249,7 +292,10 @@ class Node:
         self.server.stop(grace)
         if self.peer_server is not None:
             self.peer_server.stop(grace)
-        self.worker.stop(timeout=grace)
+        if self.worker_process is not None:
+            self.worker_process.stop(grace)
+        else:
+            self.worker.stop(timeout=grace)
         if self._housekeeping is not None:
             self._housekeeping.join(grace)
         self._audit_application("stopped", {"grace_seconds": grace})

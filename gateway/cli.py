@@ -36,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("serve", help="run the node (listener, router, worker)"))
     with_config(sub.add_parser("check-config", help="validate a configuration file"))
+    worker = with_config(
+        sub.add_parser(
+            "worker",
+            help="the delivery worker process that serve starts itself with "
+            "worker.separate_process (not run by hand)",
+        )
+    )
+    worker.add_argument("--wake-fd", type=int, required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--ready-fd", type=int, required=True, help=argparse.SUPPRESS)
+    worker.add_argument("--config-sha256", default="", help=argparse.SUPPRESS)
 
     queue = sub.add_parser("queue", help="deliveries: list, show, retry, cancel")
     qsub = queue.add_subparsers(dest="action", required=True)
@@ -116,6 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(cfg)
+        if args.command == "worker":
+            from gateway.logging import configure
+            from gateway.worker_process import run_worker
+
+            configure()
+            return run_worker(
+                cfg,
+                wake_fd=args.wake_fd,
+                ready_fd=args.ready_fd,
+                config_sha256=args.config_sha256,
+            )
         if args.command == "keys":
             return cli_keys.run_keys(cfg, args)
         if args.command == "peers":
@@ -136,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(cfg: GatewayConfig) -> int:
     from gateway.app import Node
     from gateway.logging import configure
+    from gateway.worker_process import WorkerStartError
 
     configure()
     node = Node(cfg)
@@ -146,7 +168,12 @@ def _serve(cfg: GatewayConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node.start()
+    try:
+        node.start()
+    except WorkerStartError as exc:
+        print(f"dicom-gateway: {exc}", file=sys.stderr)
+        node.stop(grace=1.0)
+        return 1
     print(
         f"dicom-gateway: {cfg.dicom.ae_title} listening on {cfg.dicom.host}:{node.server.port}"
         + (f", TLS on port {node.server.tls_port}" if node.server.tls_port else ""),

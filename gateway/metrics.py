@@ -3,7 +3,14 @@ never UIDs, calling AE titles from the wire, or patient data."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 
 class Metrics:
@@ -100,5 +107,54 @@ class Metrics:
             registry=r,
         )
 
-    def serve(self, host: str, port: int) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, *, relayed: Path | None = None) -> None:
+        """The endpoint; with ``relayed``, a worker process's metrics file is added to
+        this process's own (:class:`MergedCollector`)."""
+        registry = self.registry
+        if relayed is not None:
+            registry = CollectorRegistry()
+            registry.register(MergedCollector(self.registry, relayed))
+        start_http_server(port, addr=host, registry=registry)
+
+
+class MergedCollector(Collector):
+    """This process's metrics with those another process of the node wrote to ``path``
+    (Prometheus text format, rewritten whole by :mod:`gateway.worker_process`): counters,
+    histograms and their ``_created`` samples are combined (sum; earliest creation), a
+    gauge is this process's where it has the sample and the file's otherwise. A missing or
+    unreadable file adds nothing."""
+
+    def __init__(self, own: CollectorRegistry, path: Path) -> None:
+        self.own = own
+        self.path = path
+
+    def _relayed(self) -> dict[str, Metric]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+            return {m.name: m for m in text_string_to_metric_families(text)}
+        except (OSError, ValueError):
+            return {}
+
+    def collect(self) -> Iterator[Metric]:
+        relayed = self._relayed()
+        for family in self.own.collect():
+            other = relayed.pop(family.name, None)
+            if other is None or other.type != family.type:
+                yield family
+                continue
+            merged = Metric(family.name, family.documentation, family.type, family.unit)
+            samples: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
+            for sample in (*family.samples, *other.samples):
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen = samples.get(key)
+                if seen is None:
+                    samples[key] = sample
+                elif family.type == "gauge":
+                    continue  # ours first
+                elif sample.name.endswith("_created"):
+                    samples[key] = seen._replace(value=min(seen.value, sample.value))
+                else:
+                    samples[key] = seen._replace(value=seen.value + sample.value)
+            merged.samples = list(samples.values())
+            yield merged
+        yield from relayed.values()

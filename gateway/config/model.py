@@ -110,6 +110,7 @@ class WorkerConfig:
     backoff_multiplier: float = 2.0
     backoff_max: float = 600.0
     routing_interval: float = 1.0
+    separate_process: bool = False
 
 
 @dataclass(frozen=True)

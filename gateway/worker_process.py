@@ -1,0 +1,256 @@
+"""The delivery worker in a process of its own (``worker.separate_process = true``).
+
+One Python process runs its threads on one core at a time (the GIL): while a node forwards,
+receiving and sending take turns, and a modality's C-STORE waits on de-identification and
+outgoing C-STOREs. With ``separate_process`` the ``serve`` process keeps the listeners,
+ingest, the router and the metrics endpoint, and starts ``dicom-gateway worker`` beside it
+for the deliveries; the two share only the index and the spool, as several nodes sharing
+one index do (leases, ``BEGIN IMMEDIATE`` / ``FOR UPDATE SKIP LOCKED``), so every guarantee
+of the index holds unchanged.
+
+Between the two (:class:`WorkerProcess` in ``serve``, :func:`run_worker` in the worker):
+
+* a wake-up pipe: ``serve`` writes a byte whenever it queues a due delivery (a streamed
+  instance, a study gone quiet), so the worker claims it at once instead of at its next
+  poll. Its end of file tells the worker that ``serve`` is gone (killed): the worker then
+  exits at once, as if killed with it; leases make whatever it was doing safe to redo;
+* a ready pipe: the worker writes one byte once it can deliver, and ``serve`` opens its
+  listeners only then (start-up fails, naming the cause, if the worker does not start);
+* a metrics file (``<state_dir>/worker-metrics.prom``, rewritten every second): the
+  worker's counters, which the endpoint of ``serve`` adds to its own
+  (:class:`gateway.metrics.MergedCollector`).
+
+A worker that dies while ``serve`` runs is logged, audited and started again after a second.
+The worker refuses to start if the configuration file changed since ``serve`` read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from prometheus_client import generate_latest
+
+from gateway.config import GatewayConfig
+
+if TYPE_CHECKING:
+    from gateway.app import Node
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "worker-metrics.prom"
+METRICS_INTERVAL = 1.0
+READY_TIMEOUT = 60.0
+RESTART_DELAY = 1.0
+
+
+class WorkerStartError(RuntimeError):
+    """The worker process exited or did not say it was ready in time."""
+
+
+def config_digest(path: Path) -> str:
+    """SHA-256 of the configuration file as it is now."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class ChildWakeup(threading.Event):
+    """The worker's wake-up as ``serve`` sees it: :meth:`set` writes to the pipe of the
+    worker process (nothing while none runs: a new worker looks for due work first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._fd = -1
+
+    def attach(self, fd: int) -> None:
+        with self._lock:
+            self._fd = fd
+
+    def detach(self) -> int:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        return fd
+
+    def set(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                os.write(self._fd, b"\0")
+            except BlockingIOError:  # full: the worker has wake-ups to read anyway
+                pass
+            except OSError:  # the worker is gone; the supervisor starts another
+                pass
+
+
+class WorkerProcess:
+    """Starts, watches and stops ``dicom-gateway worker`` for a ``serve`` process."""
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        wakeup: ChildWakeup,
+        *,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.wakeup = wakeup
+        self._on_exit = on_exit or (lambda code: None)
+        self._digest = config_digest(cfg.source)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Start the worker and wait until it is ready (WorkerStartError if it is not)."""
+        self._spawn()
+        self._watcher = threading.Thread(target=self._watch, name="worker-process", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> None:
+        wake_r, wake_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        try:
+            cmd = [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "worker",
+                "-c",
+                str(self.cfg.source),
+                "--wake-fd",
+                str(wake_r),
+                "--ready-fd",
+                str(ready_w),
+                "--config-sha256",
+                self._digest,
+            ]
+            proc = subprocess.Popen(cmd, pass_fds=(wake_r, ready_w), stdin=subprocess.DEVNULL)
+        except BaseException:
+            for fd in (wake_r, wake_w, ready_r, ready_w):
+                os.close(fd)
+            raise
+        os.close(wake_r)
+        os.close(ready_w)
+        try:
+            ready, _, _ = select.select([ready_r], [], [], READY_TIMEOUT)
+            got = os.read(ready_r, 1) if ready else b""
+        finally:
+            os.close(ready_r)
+        if got != b"\1":
+            with contextlib.suppress(OSError):
+                proc.kill()
+            code = proc.wait()
+            os.close(wake_w)
+            raise WorkerStartError(f"the worker process did not start (exit code {code})")
+        os.set_blocking(wake_w, False)
+        with self._lock:
+            self._proc = proc
+        self.wakeup.attach(wake_w)
+        self.wakeup.set()  # anything queued while it started
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            with self._lock:
+                proc = self._proc
+            if proc is None:
+                return
+            code = proc.wait()
+            fd = self.wakeup.detach()
+            if fd >= 0:
+                os.close(fd)
+            if self._stopping.is_set():
+                return
+            log.error("worker process exited; starting another", extra={"exit_code": code})
+            self._on_exit(code)
+            while not self._stopping.wait(RESTART_DELAY):
+                try:
+                    self._spawn()
+                    break
+                except (OSError, RuntimeError):
+                    log.exception("worker process did not start; trying again")
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM (the worker finishes or hands back what it holds), SIGKILL after
+        ``grace`` + 5 s."""
+        self._stopping.set()
+        with self._lock:
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace + 5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._watcher is not None:
+            self._watcher.join(grace + 5)
+        fd = self.wakeup.detach()
+        if fd >= 0:
+            os.close(fd)
+
+
+def run_worker(cfg: GatewayConfig, *, wake_fd: int, ready_fd: int, config_sha256: str) -> int:
+    """The worker process: deliveries only, until SIGTERM or the end of ``serve``."""
+    from gateway.app import Node
+
+    if config_sha256 and config_digest(cfg.source) != config_sha256:
+        log.error("configuration file changed since serve started; restart the node")
+        return 2
+    node = Node(cfg, role="worker")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops us
+    node.start_worker()
+
+    def watch_serve() -> None:
+        while True:
+            try:
+                data = os.read(wake_fd, 4096)
+            except InterruptedError:
+                continue
+            if not data:  # serve is gone: end as it ended (nothing here is acknowledged)
+                os._exit(70)
+            node.worker.wakeup.set()
+
+    threading.Thread(target=watch_serve, name="serve-watch", daemon=True).start()
+    metrics_path = cfg.state_dir / METRICS_FILE
+    os.write(ready_fd, b"\1")
+    os.close(ready_fd)
+    # with a timeout: see gateway.cli._serve (a signal handled only when Python runs)
+    while not stop.wait(METRICS_INTERVAL):
+        _write_metrics(node, metrics_path)
+    node.stop_worker()
+    _write_metrics(node, metrics_path)
+    return 0
+
+
+def _write_metrics(node: Node, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_bytes(generate_latest(node.metrics.registry))
+        os.replace(tmp, path)
+    except OSError:
+        log.warning("worker metrics not written", exc_info=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
