@@ -113,9 +113,7 @@ def test_worker_killed_is_replaced(tmp_path: Path, orthanc: Orthanc) -> None:
         second = first
         while second == first and time.monotonic() < deadline:
             time.sleep(0.2)
-            second = next(
-                (p for p in _children(node.pid) if p != first and not _gone(p, 0)), first
-            )
+            second = next((p for p in _children(node.pid) if p != first and not _gone(p, 0)), first)
         assert second != first, node.log()
         storescu(node, files)
         assert orthanc.wait_for_instances(10, timeout=30) == 10
