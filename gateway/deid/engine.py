@@ -339,13 +339,13 @@ class Engine:
                 elif code in ("K", "KEEP") and vr != "SQ":
                     # raw elements pass through as read; implicit ones are decoded so the writer
                     # knows their VR
-                    out[btag] = raw if raw.VR is not None else ds[btag]
+                    _store(out, btag, raw if raw.VR is not None else ds[btag])
                     if code == "KEEP":
                         st.report.actions.append((prefix + _tag_text(tag), d.rule, "keep"))
                 else:
                     new = self._apply(ds, btag, vr, d, code, st, prefix, clean_ctx, active)
                     if new is not None:
-                        out[btag] = new
+                        _store(out, btag, new)
                 if d.option is not None:
                     st.report.options_acted.add(d.option)
                 if tag >> 16 & 1 and btag in out:
@@ -550,6 +550,17 @@ def _put(ds: Dataset, tag: int, vr: str, value: Any) -> None:
     VR, without the keyword lookup: all Dataset.__setitem__ does for such an element is store
     it (FileMetaDataset's only checks that the tag is in group 0002)."""
     ds._dict[BaseTag(tag)] = DataElement(tag, vr, value)
+
+
+def _store(out: Dataset, btag: BaseTag, elem: DataElement | RawDataElement) -> None:
+    """``out[btag] = elem``. For a public element other than a sequence all
+    ``Dataset.__setitem__`` does is check the tag and store it, so it is stored directly (as
+    :func:`_put` does); private elements (their creator is looked up) and sequences (their
+    items learn their parent) go through ``__setitem__``."""
+    if btag >> 16 & 1 or elem.VR == "SQ":
+        out[btag] = elem
+    else:
+        out._dict[btag] = elem
 
 
 def _creator(ds: Dataset, tag: int) -> str | None:

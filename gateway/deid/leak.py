@@ -45,6 +45,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import keyword_dict
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -192,7 +193,13 @@ _DUMMY_CANON = frozenset(_canon(v) for v in DUMMY.values() if isinstance(v, str)
 def _exempt_tags(profile: Profile | None) -> tuple[frozenset[int], bool, bool, bool]:
     if profile is None:
         return frozenset(), False, False, False
-    opts = profile.options
+    return _exempt_for_options(frozenset(profile.options))
+
+
+@lru_cache(maxsize=64)
+def _exempt_for_options(opts: frozenset[str]) -> tuple[frozenset[int], bool, bool, bool]:
+    """The tags the options retain, and the option flags: computed once per option set (it
+    was rebuilt from the whole table for every instance)."""
     tags = frozenset(
         t for t, r in ROWS.items() if any(r.options.get(o) == "K" for o in opts if o in OPTIONS)
     )
@@ -222,7 +229,7 @@ def collect(original: Dataset, *, profile: Profile | None = None) -> Needles:
                     n.add(w, "text")
 
     def walk(ds: Dataset, prefix: str) -> None:
-        for elem in _elements(ds):
+        for elem in _elements(ds, skip=exempt):
             tag = int(elem.tag)
             vr = elem.VR
             if vr in _VOCABULARY_OUT or tag in _NON_IDENTIFYING_TAGS:
@@ -332,8 +339,26 @@ def _is_safe(ds: Dataset, tag: int) -> bool:
     return (tag >> 16, name, elem & 0xFF) in SAFE_PRIVATE
 
 
-def _elements(ds: Dataset) -> Iterator[Any]:
+_NUMBER_SIZES = {"US": 2, "SS": 2, "UL": 4, "SL": 4, "FL": 4, "FD": 8, "UV": 8, "SV": 8}
+
+
+def _elements(ds: Dataset, *, skip: frozenset[int] | None = None) -> Iterator[Any]:
+    """The elements of ``ds``, converted by pydicom. With ``skip`` (the exempt tags), binary
+    numbers read in explicit VR that :func:`collect` does not read (not exempt, not a
+    ``NON_IDENTIFYING`` tag) are left out unconverted: numbers are never needles. One whose
+    length pydicom could not convert is still converted, fails and is searched as bytes."""
     for tag in list(ds.keys()):
+        if skip is not None:
+            raw = ds.get_item(tag)
+            size = _NUMBER_SIZES.get(raw.VR or "") if isinstance(raw, RawDataElement) else None
+            if (
+                size is not None
+                and raw.value is not None
+                and len(raw.value) % size == 0
+                and int(tag) not in skip
+                and int(tag) not in _NON_IDENTIFYING_TAGS
+            ):
+                continue
         try:
             yield ds[tag]
         except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes

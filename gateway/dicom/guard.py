@@ -100,14 +100,13 @@ class GuardedSocket(AssociationSocket):
         # After a violation nothing more is read: the rest is the same peer's garbage, and
         # reading it would audit the same connection again for every 6 bytes of it.
         if self._violated or sock is None or not self._is_connected:
-            if dul is not None and dul.idle():
-                dul.wait(None)
+            if dul is not None:
+                dul.wait_if_idle(None)
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # TLS has decrypted bytes that select() cannot see
         if dul is not None:
-            if dul.idle():
-                dul.wait(sock)
+            dul.wait_if_idle(sock)
         elif not self._first_pdu_seen:
             with contextlib.suppress(OSError, ValueError):
                 select.select([sock], [], [], IDLE_WAIT)

@@ -65,12 +65,18 @@ class WakingDUL(DULServiceProvider):
         self._pipe_lock = threading.Lock()
         self._wake_r = -1
         self._wake_w = -1
+        # set before the DUL thread checks its queues and waits, cleared after: a put that
+        # sees it False was made before that check, which then finds the item
+        self._waiting = False
         self.to_provider_queue = WakingQueue(self.wake)
         self.event_queue = WakingQueue(self.wake)
         self.to_user_queue = WakingQueue(activity.set)
 
     def wake(self) -> None:
-        """Make a wait in :meth:`wait` return (harmless when nothing waits)."""
+        """Make a wait in :meth:`wait` return. Writes only while the DUL thread waits (or is
+        about to): its own puts, and puts while it works, need no wake-up."""
+        if not self._waiting:
+            return
         with self._pipe_lock:
             if self._wake_w < 0:  # not started yet or ended: nothing waits on the pipe
                 return
@@ -79,13 +85,17 @@ class WakingDUL(DULServiceProvider):
             except BlockingIOError:  # the pipe is full: a wake-up is pending anyway
                 pass
 
-    def idle(self) -> bool:
-        """Nothing queued for the state machine: the loop may wait."""
-        return self.to_provider_queue.empty() and self.event_queue.empty()
+    def wait_if_idle(self, sock: Any, timeout: float = IDLE_WAIT) -> None:
+        """When nothing is queued for the state machine, wait until ``sock`` (None: only the
+        pipe) is readable, :meth:`wake` is called or ``timeout`` passes."""
+        self._waiting = True
+        try:
+            if self.to_provider_queue.empty() and self.event_queue.empty():
+                self._wait(sock, timeout)
+        finally:
+            self._waiting = False
 
-    def wait(self, sock: Any, timeout: float = IDLE_WAIT) -> None:
-        """Wait until ``sock`` (None: only the pipe) is readable, :meth:`wake` is called or
-        ``timeout`` passes; pending wake-ups are consumed."""
+    def _wait(self, sock: Any, timeout: float) -> None:
         fds: list[Any] = [self._wake_r] if self._wake_r >= 0 else []
         if sock is not None:
             fds.append(sock)
