@@ -36,45 +36,45 @@ def _positive(summary: dict[str, dict[str, float]], key: str) -> None:
     assert 0 < stats["min"] <= stats["median"] <= stats["max"], (key, stats)
 
 
-@pytest.mark.timeout(120)
-def test_bench_smoke(tmp_path: Path) -> None:
+def _run_bench(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
+    """``bench/run --scale 0.004 --repeat 1 ARGS`` into ``tmp_path``; its latest.json."""
     if not in_private_netns() and not _can_unshare():
         pytest.skip("needs a private network namespace (scripts/test) or unshare -n")
     out = tmp_path / "results"
-    started = time.monotonic()
     proc = subprocess.run(
         [
             str(RUN),
-            "--scale",
-            "0.004",
-            "--repeat",
-            "1",
-            # Not sealed-transfer: its key material and two node pairs take ~25 s even at
-            # this scale (test_sealed_transfer_offline covers its report and ratios).
-            "--scenarios",
-            "ingest,e2e,deid",
-            "--datasets",
-            "small",
-            "--concurrency",
-            "1",
-            "--systems",
-            "node,dcmtk-storescp-ignore,node-stream,direct,node-basic-file,dicognito,pydicom-deid",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
+            *("--scale", "0.004", "--repeat", "1"),
+            *args,
+            *("--out", str(out), "--work", str(tmp_path / "work")),
         ],
         cwd=REPO,
         env={**os.environ, "BENCH_SKIP_BOOTSTRAP": "1"},
         capture_output=True,
         text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
+    return doc
+
+
+@pytest.mark.timeout(120)
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    started = time.monotonic()
+    doc = _run_bench(
+        tmp_path,
+        # Not sealed-transfer: its key material and two node pairs take ~25 s even at
+        # this scale (test_sealed_transfer_offline covers its report and ratios).
+        *("--scenarios", "ingest,e2e,deid", "--datasets", "small", "--concurrency", "1"),
+        "--systems",
+        "node,dcmtk-storescp-ignore,node-stream,direct,node-basic-file,dicognito,pydicom-deid",
         timeout=110,
     )
     elapsed = time.monotonic() - started
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert elapsed < 60, f"smoke run took {elapsed:.0f} s"
 
-    doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
     assert {"meta", "scenarios", "not_measured"} <= set(doc)
     assert doc["meta"]["repeat"] == 1
     assert doc["meta"]["host"]["cpus"] >= 1
@@ -136,35 +136,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
 def test_bench_smoke_e2e_peer(tmp_path: Path) -> None:
     """Scenario 2 through two nodes (2 CT instances): storescu -> node A -> peer channel ->
     node B -> Orthanc, without a profile and with ``basic`` on A's route, beside direct."""
-    if not in_private_netns() and not _can_unshare():
-        pytest.skip("needs a private network namespace (scripts/test) or unshare -n")
     out = tmp_path / "results"
     systems = ["node-peer-stream", "node-peer-stream-basic"]
-    proc = subprocess.run(
-        [
-            str(RUN),
-            "--scale",
-            "0.004",
-            "--repeat",
-            "1",
-            "--scenarios",
-            "e2e",
-            "--systems",
-            ",".join([*systems, "direct"]),
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-            "--no-charts",
-        ],
-        cwd=REPO,
-        env={**os.environ, "BENCH_SKIP_BOOTSTRAP": "1"},
-        capture_output=True,
-        text=True,
+    doc = _run_bench(
+        tmp_path,
+        *("--scenarios", "e2e", "--systems", ",".join([*systems, "direct"]), "--no-charts"),
         timeout=110,
     )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
 
     e2e = doc["scenarios"]["e2e"]["result"]
     assert [r["system"] for r in e2e["rows"]] == [*systems, "direct"]
@@ -202,33 +180,10 @@ def test_bench_smoke_e2e_peer(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_bench_smoke_pixels_scale(tmp_path: Path) -> None:
     """Scenarios 4 and 6 at their smallest (2 frames per cine; 2 and 4 CT instances)."""
-    if not in_private_netns() and not _can_unshare():
-        pytest.skip("needs a private network namespace (scripts/test) or unshare -n")
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [
-            str(RUN),
-            "--scale",
-            "0.004",
-            "--repeat",
-            "1",
-            "--scenarios",
-            "pixels,scale",
-            "--scale-factors",
-            "1,2",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-        ],
-        cwd=REPO,
-        env={**os.environ, "BENCH_SKIP_BOOTSTRAP": "1"},
-        capture_output=True,
-        text=True,
-        timeout=140,
+    doc = _run_bench(
+        tmp_path, *("--scenarios", "pixels,scale", "--scale-factors", "1,2"), timeout=140
     )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
 
     pixels = doc["scenarios"]["pixels"]["result"]
     assert pixels["frames"] == 2
