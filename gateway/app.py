@@ -46,7 +46,6 @@ class Node:
         self, cfg: GatewayConfig, *, clock: Clock | None = None, role: str = "serve"
     ) -> None:
         self.cfg = cfg
-        self.role = role
         self.clock = clock or SystemClock()
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(cfg.database_url, busy_timeout=cfg.database.busy_timeout)
@@ -189,14 +188,19 @@ class Node:
             on_delivery=self.worker.wakeup.set,
         )
 
-    def start(self) -> None:
+    def _prepare_deliveries(self) -> None:
+        """What deliveries need before the first: profiles checked, the secret loaded (or,
+        for development, made), and files prepared by attempts a crash interrupted removed
+        (every attempt prepares afresh)."""
         check_profiles(self.cfg)
         if any(route.profile for route in self.cfg.routes) or any(
             grant.profile for grant in self.cfg.qr.grants
         ):
-            self.deid_step.key()  # load (or, for development, make) the secret before serving
-        # files prepared by attempts a crash interrupted: every attempt prepares afresh
+            self.deid_step.key()
         shutil.rmtree(self.deid_step.outgoing_dir, ignore_errors=True)
+
+    def start(self) -> None:
+        self._prepare_deliveries()
         self.db.migrate()
         removed = self.ingest.recover()
         if removed:
@@ -236,13 +240,7 @@ class Node:
     def start_worker(self) -> None:
         """The worker process's start: the deliveries only (``serve`` migrated the index,
         recovered the spool and runs everything else)."""
-        check_profiles(self.cfg)
-        if any(route.profile for route in self.cfg.routes) or any(
-            grant.profile for grant in self.cfg.qr.grants
-        ):
-            self.deid_step.key()
-        # files prepared by a previous worker process that was killed
-        shutil.rmtree(self.deid_step.outgoing_dir, ignore_errors=True)
+        self._prepare_deliveries()  # also what a previous worker process, killed, left
         self.worker.start()
         log.info("worker process started", extra={"threads": self.cfg.worker.threads})
 

@@ -34,7 +34,6 @@ import contextlib
 import logging
 import os
 import queue
-import select
 import socket
 import ssl
 import struct
@@ -47,7 +46,7 @@ from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
-from gateway.dicom.reactor import IDLE_WAIT, WakingDUL, WakingQueue
+from gateway.dicom.reactor import WakingDUL, WakingQueue
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,8 @@ def _abort_bytes() -> bytes:
 
 
 class GuardedSocket(AssociationSocket):
-    """An :class:`AssociationSocket` that refuses oversized or slow PDUs."""
+    """An :class:`AssociationSocket` that refuses oversized or slow PDUs; the socket of the
+    node's acceptor associations, whose DUL is a :class:`~gateway.dicom.reactor.WakingDUL`."""
 
     def __init__(
         self,
@@ -87,7 +87,6 @@ class GuardedSocket(AssociationSocket):
         self._expect_body: int | None = None
         self._deadline = 0.0
         self._violated = False
-        self._first_pdu_seen = False
 
     @property
     def ready(self) -> bool:
@@ -95,21 +94,16 @@ class GuardedSocket(AssociationSocket):
         to send; when nothing at all is queued for it, this is where it waits (for the
         peer's bytes, or a wake-up of :class:`~gateway.dicom.reactor.WakingDUL`), instead of
         pynetdicom's 1 ms polling."""
-        dul = self.assoc.dul if isinstance(self.assoc.dul, WakingDUL) else None
+        dul = cast(WakingDUL, self.assoc.dul)  # the node's acceptor associations' DUL
         sock = self.socket
         # After a violation nothing more is read: the rest is the same peer's garbage, and
         # reading it would audit the same connection again for every 6 bytes of it.
         if self._violated or sock is None or not self._is_connected:
-            if dul is not None:
-                dul.wait_if_idle(None)
+            dul.wait_if_idle(None)
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # TLS has decrypted bytes that select() cannot see
-        if dul is not None:
-            dul.wait_if_idle(sock)
-        elif not self._first_pdu_seen:
-            with contextlib.suppress(OSError, ValueError):
-                select.select([sock], [], [], IDLE_WAIT)
+        dul.wait_if_idle(sock)
         return bool(super().ready)
 
     def recv(self, nr_bytes: int) -> bytearray:
@@ -117,7 +111,6 @@ class GuardedSocket(AssociationSocket):
             raise OSError("closed after a violation")
         if self._expect_body is None:
             # A header: the PDU's deadline starts with its first byte.
-            self._first_pdu_seen = True
             self._deadline = time.monotonic() + self._timeout
             data = self._read_exact(nr_bytes)
             if len(data) == 6:
