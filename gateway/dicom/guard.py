@@ -42,11 +42,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
-from gateway.dicom.reactor import WakingDUL, WakingQueue
+from gateway.dicom.reactor import WakingDUL, WakingQueue, with_memory
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,8 @@ class GuardedSocket(AssociationSocket):
         sock = self.socket
         if sock is None:
             raise OSError("socket closed")
-        buf = bytearray(nr_bytes)
+        # out of memory (F18), wait for some while the peer is held by TCP flow control
+        buf = with_memory(lambda: bytearray(nr_bytes), until=self._deadline)
         view = memoryview(buf)
         got = 0
         try:
@@ -189,18 +192,32 @@ class GuardedDIMSE(DIMSEServiceProvider):
         *,
         max_instance_bytes: int = 0,
         on_message: Callable[[], None] | None = None,
+        on_store_out_of_memory: Callable[[Any], None] | None = None,
     ) -> None:
         """``max_instance_bytes``: the most a C-STORE's data set (written to its receive
         file as it arrives) may bring; 0 for no cap. ``on_message`` is called whenever a
-        complete message is queued for the association's reactor (it waits for that)."""
+        complete message is queued for the association's reactor (it waits for that).
+        ``on_store_out_of_memory`` is called with the command set of a C-STORE answered
+        0xA700 because its data set could not be received for want of memory."""
         super().__init__(assoc)
         self.max_instance_bytes = max_instance_bytes
         if on_message is not None:
             self.msg_queue = WakingQueue(on_message)
+        self._on_store_out_of_memory = on_store_out_of_memory
+        # (context id, command set) of a C-STORE-RQ whose data set is being read and
+        # discarded: it ran out of memory (FAULTS F18) and is answered once its last
+        # fragment is in
+        self._draining: tuple[int, Any] | None = None
 
     def receive_primitive(self, primitive: Any) -> None:
+        if self._draining is not None:
+            self._drain(primitive)
+            return
         try:
             super().receive_primitive(primitive)
+        except MemoryError:  # F18: no memory for the message, not the peer's fault
+            self._out_of_memory(primitive)
+            return
         except Exception:  # noqa: BLE001 - the peer's bytes: anything the decoder raises
             self._refuse("invalid-dimse-message")
             return
@@ -223,6 +240,50 @@ class GuardedDIMSE(DIMSEServiceProvider):
             with contextlib.suppress(OSError):
                 receive_file.close()
                 os.unlink(receive_file.name)
+
+    def _out_of_memory(self, primitive: Any) -> None:
+        """A C-STORE whose data set could not be taken in: its fragments are read and
+        dropped, and it is answered 0xA700 (out of resources) after its last, so the
+        association goes on; out of memory for any other message, the association is
+        aborted (A-ABORT, audited as out-of-resources)."""
+        message = self.message
+        command = getattr(message, "command_set", None)
+        context_id = getattr(message, "context_id", None)
+        self.message = None
+        if message is not None:
+            receive_file = getattr(message, "_data_set_file", None)
+            if receive_file is not None:  # the partial receive file goes now
+                with contextlib.suppress(OSError):
+                    receive_file.close()
+                    os.unlink(receive_file.name)
+        if not isinstance(message, C_STORE_RQ) or command is None or context_id is None:
+            self._refuse("out-of-resources")
+            return
+        log.warning("no memory to receive a C-STORE data set; answered 0xA700")
+        self._draining = (context_id, command)
+        self._drain(primitive)
+
+    def _drain(self, primitive: Any) -> None:
+        """Drop a draining C-STORE's fragments; answer it after the last one."""
+        assert self._draining is not None
+        for _context_id, data in getattr(primitive, "presentation_data_value_list", ()):
+            # the message control header (PS3.8 E.2): bit 0 command, bit 1 last fragment
+            if data and not data[0] & 0x01 and data[0] & 0x02:
+                context_id, command = self._draining
+                self._draining = None
+                rsp = C_STORE()
+                rsp.MessageIDBeingRespondedTo = command.MessageID
+                rsp.AffectedSOPClassUID = command.AffectedSOPClassUID
+                rsp.AffectedSOPInstanceUID = command.AffectedSOPInstanceUID
+                rsp.Status = 0xA700  # out of resources
+                try:
+                    self.send_msg(rsp, context_id)
+                except MemoryError:  # not even for the answer: end the association
+                    self._refuse("out-of-resources")
+                    return
+                if self._on_store_out_of_memory is not None:
+                    self._on_store_out_of_memory(command)
+                return
 
     def _refuse(self, reason: str) -> None:
         self.message = None  # what was buffered goes now, not when the association ends
@@ -269,11 +330,15 @@ class GuardedStateMachine(StateMachine):
                     # our own abort (the node stopping) of a connection that has sent no
                     # A-ASSOCIATE-RQ yet: close it, as the table does in Sta4 (AA-2)
                     self.current_state = ACTIONS["AA-2"][1](self.dul)
-        except Exception:  # the peer's bytes: anything an action raises (re-raised if not ours)
+        except (
+            Exception
+        ) as exc:  # the peer's bytes: anything an action raises (re-raised if not ours)
             sock = self.dul.socket
             if not isinstance(sock, GuardedSocket):
                 raise
-            sock.refuse("invalid-pdu-sequence")
+            # no memory for the PDU's decoding (F18) is ours, not the peer's
+            oom = isinstance(exc, MemoryError)
+            sock.refuse("out-of-resources" if oom else "invalid-pdu-sequence")
 
     def _end_wait_if_idle(self) -> None:
         """Back in Sta1 (the transport closed) before an A-ASSOCIATE-RQ arrived: pynetdicom's

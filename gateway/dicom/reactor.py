@@ -28,18 +28,74 @@ import logging
 import os
 import queue
 import select
+import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 IDLE_WAIT = 0.05
 """The longest either thread waits before looking at its timers and flags again (s)."""
+
+
+MEMORY_WAIT = 5.0
+"""How long a PDU's read waits for memory to hold and decode it before it gives up (s)."""
+
+START_WAIT = 5.0
+"""How long a new thread of an association may take to begin running before the thread
+that started it gives up on it (s)."""
+
+
+class _StartedOrDead(threading.Event):
+    """``Thread._started`` for a thread whose start must not block forever.
+
+    CPython's ``Thread.start()`` waits without a timeout for the new thread to set this
+    event. Under an address-space limit (FAULTS F18) the new thread can die of
+    ``MemoryError`` in its bootstrap before it sets it ("Exception ignored in thread started
+    by"), and the starter (the accept loop, a connection's handler, an association) would
+    wait forever with the peer's connection open and unanswered. Here that wait gives up
+    after :data:`START_WAIT` with ``RuntimeError``, which ``start()`` raises as it does when
+    no thread can be made at all, and the caller answers the peer as for that."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is not None:
+            return super().wait(timeout)
+        if super().wait(START_WAIT):
+            return True
+        raise RuntimeError("the new thread did not start (died in its bootstrap)")
+
+
+def bound_start(thread: threading.Thread) -> threading.Thread:
+    """Make ``thread.start()`` raise ``RuntimeError`` instead of blocking forever when the
+    thread dies before it runs (see :class:`_StartedOrDead`); call before ``start()``."""
+    vars(thread)["_started"] = _StartedOrDead()
+    return thread
+
+
+def with_memory(make: Callable[[], T], *, until: float | None = None) -> T:
+    """``make()``, tried again while it raises ``MemoryError`` (FAULTS F18: the address
+    space is full while other associations hold buffers, which they give back as they end)
+    for up to :data:`MEMORY_WAIT` s, or until ``until`` (monotonic) if sooner; then the
+    ``MemoryError`` is raised. The peer meanwhile is held by TCP flow control."""
+    give_up = time.monotonic() + MEMORY_WAIT
+    if until is not None:
+        give_up = min(give_up, until)
+    pause = 0.01
+    while True:
+        try:
+            return make()
+        except MemoryError:
+            if time.monotonic() + pause > give_up:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
 
 class WakingQueue(queue.Queue[Any]):
@@ -59,6 +115,7 @@ class WakingDUL(DULServiceProvider):
 
     def __init__(self, assoc: Any, *, activity: threading.Event) -> None:
         super().__init__(assoc)
+        bound_start(self)
         # the loop's own sleep after an idle pass: the wait in ready() replaces it
         self._run_loop_delay = 0.0
         self.activity = activity  # the association reactor's wake-up
@@ -111,6 +168,53 @@ class WakingDUL(DULServiceProvider):
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data``: the same event for each
+        outcome (Evt17 for a transport that closed or fell short, Evt19 for an unknown type
+        or a PDU that does not decode, the PDU's own event otherwise), except that the PDU's
+        buffers, which pynetdicom allocates three times over, wait for memory when there is
+        none (F18) instead of the association ending as if the peer's PDU were invalid; if
+        none comes, the association is aborted as out of resources."""
+        sock = cast(Any, self.socket)
+        try:
+            header = sock.recv(6)
+            if len(header) != 6:  # the peer closed
+                self.event_queue.put("Evt17")
+                return
+            pdu_type, _, pdu_length = struct.unpack(">BBL", bytes(header))
+            if not 0x01 <= pdu_type <= 0x07:
+                log.warning("unknown PDU type received", extra={"pdu_type": pdu_type})
+                self.event_queue.put("Evt19")
+                return
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError):  # closed, or refused by the guarded socket
+            self.event_queue.put("Evt17")
+            return
+        except MemoryError:
+            self._out_of_memory(sock)
+            return
+        if len(body) != pdu_length:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = with_memory(lambda: self._decode_pdu(header + body))
+        except MemoryError:
+            self._out_of_memory(sock)
+            return
+        except Exception:  # noqa: BLE001 - the peer's bytes: anything the decoder raises
+            log.warning("a received PDU could not be decoded")
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _out_of_memory(self, sock: Any) -> None:
+        refuse = getattr(sock, "refuse", None)  # the node's GuardedSocket: abort, audited
+        if refuse is not None:
+            refuse("out-of-resources")
+        else:
+            self.event_queue.put("Evt17")
 
     def run_reactor(self) -> None:
         with self._pipe_lock:

@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import logging
 import socket
+import socketserver
 import ssl
 import tempfile
 import threading
@@ -42,6 +43,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from gateway.config import DicomConfig, is_valid_ae_title
@@ -51,7 +53,7 @@ from gateway.dicom import spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedDIMSE, GuardedSocket, GuardedStateMachine
-from gateway.dicom.reactor import WakingDUL, run_acceptor_reactor
+from gateway.dicom.reactor import WakingDUL, bound_start, run_acceptor_reactor
 from gateway.dicom.retrieve import (
     CANCEL,
     IDENTIFIER_MISMATCH,
@@ -231,6 +233,7 @@ class _GatewayAssociation(Association):
         # the timeouts the association gave the one it made
         self.gateway_activity = threading.Event()
         self.dul = WakingDUL(self, activity=self.gateway_activity)
+        bound_start(self)  # start() raises instead of hanging if this thread dies starting
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
 
@@ -240,9 +243,32 @@ class _GatewayAssociation(Association):
     def run_reactor(self) -> None:
         try:
             self._start_and_run()
+        except MemoryError as exc:  # F18: the address space ran out under the association
+            self._out_of_memory(exc)
         finally:  # the connection this association was is over
             if self.gateway_server is not None and self.gateway_address is not None:
                 self.gateway_server._connection_handled(self.gateway_address)
+
+    def _out_of_memory(self, exc: MemoryError) -> None:
+        """End the connection with an answer when this association's thread has no memory
+        to go on: A-ASSOCIATE-RJ transient (2/3/2) if its request was not answered yet, else
+        A-ABORT; its DUL thread then sees the transport closed and ends."""
+        sock = getattr(self.dul.socket, "socket", None)
+        server = self.gateway_server
+        if server is None or sock is None:
+            return
+        if not (self.is_established or self.is_rejected or self.is_aborted):
+            server._out_of_resources(sock, None, exc, what="no memory for an association")
+            return
+        log.warning(
+            "no memory to go on with an association; aborted",
+            extra={"association_id": getattr(self, "gateway_id", None), "error": "MemoryError"},
+        )
+        server._on_security_event("out-of-resources")
+        self.is_aborted = True
+        with contextlib.suppress(OSError):
+            sock.sendall(_ABORT_NO_REASON)
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _start_and_run(self) -> None:  # not _run_reactor: pynetdicom has one
         if not self._started_dul:
@@ -358,6 +384,20 @@ def _holds_place(assoc: Any) -> bool:
 _REJECT_LOCAL_LIMIT = bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 0x02])
 
 
+def _provider_abort() -> bytes:
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02  # DICOM UL service-provider
+    pdu.reason_diagnostic = 0x00  # reason not specified
+    return bytes(pdu.encode())
+
+
+# made at import: when it is sent, the process may have no memory to make it
+_ABORT_NO_REASON = _provider_abort()
+# what a rejected peer sent, read and dropped (the bytes are never looked at, so the
+# threads that read into it at once need no lock)
+_DISCARD = bytearray(4096)
+
+
 class DicomServer:
     """Runs the SCP; :meth:`start` returns once it listens, :meth:`stop` shuts it down."""
 
@@ -437,22 +477,27 @@ class DicomServer:
             else:
                 self._pending.pop(address, None)
 
-    def _out_of_resources(self, request: Any, client_address: Any, exc: BaseException) -> None:
+    def _out_of_resources(
+        self,
+        request: Any,
+        client_address: Any,
+        exc: BaseException,
+        *,
+        what: str = "no thread for a new association",
+    ) -> None:
         """A connection the node has no thread (memory) for: A-ASSOCIATE-RJ transient, local
         limit exceeded (2/3/2), before its request is read; counted, never fatal."""
-        log.warning(
-            "no thread for a new association; rejected (transient)",
-            extra={"error": type(exc).__name__},
-        )
+        log.warning(f"{what}; rejected (transient)", extra={"error": type(exc).__name__})
         self._on_security_event("out-of-resources")
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, MemoryError):
             request.sendall(_REJECT_LOCAL_LIMIT)
             request.shutdown(socket.SHUT_WR)
             # read what the peer sent (its A-ASSOCIATE-RQ), briefly and bounded: closing with
-            # unread bytes would send a reset that can discard the reject before it is read
+            # unread bytes would send a reset that can discard the reject before it is read;
+            # into a buffer made at import, as there may be no memory for one now
             request.settimeout(0.5)
-            for _ in range(16):
-                if not request.recv(65536):
+            for _ in range(256):
+                if not request.recv_into(_DISCARD):
                     break
         with contextlib.suppress(OSError):
             request.close()
@@ -503,6 +548,7 @@ class DicomServer:
                     assoc,
                     max_instance_bytes=server_self.cfg.max_instance_bytes,
                     on_message=assoc.gateway_activity.set,
+                    on_store_out_of_memory=lambda cmd: server_self._store_out_of_memory(assoc, cmd),
                 )
                 assoc.dul.state_machine = GuardedStateMachine(
                     assoc.dul, on_invalid_pdu=lambda: server_self._invalid_pdu(assoc)
@@ -562,13 +608,28 @@ class DicomServer:
                     with server_self._handshaking_lock:
                         server_self._handshaking += 1  # until _handshake ends
                 try:
-                    super().process_request(request, client_address)
+                    self._start_connection_thread(request, client_address)
                 except RuntimeError as exc:  # no thread for the connection (F18: memory)
                     if self.gateway_tls_context is not None:
                         with server_self._handshaking_lock:
                             server_self._handshaking -= 1
                     server_self._connection_handled(address)
                     server_self._out_of_resources(request, client_address, exc)
+
+            def _start_connection_thread(self, request: Any, client_address: Any) -> None:
+                # socketserver.ThreadingMixIn.process_request, with a start that cannot
+                # block the accept loop forever on a thread that died starting (F18)
+                thread = threading.Thread(
+                    target=self.process_request_thread,
+                    args=(request, client_address),
+                    name="dicom-connection",
+                    daemon=self.daemon_threads,
+                )
+                bound_start(thread)
+                if self.block_on_close:
+                    threads: Any = vars(self).setdefault("_threads", socketserver._Threads())  # type: ignore[attr-defined]
+                    threads.append(thread)  # joined by server_close()
+                thread.start()
 
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._echo),
@@ -718,6 +779,19 @@ class DicomServer:
         except Exception:  # association boundary: auditing the failure itself failed
             log.exception("C-STORE failure audit failed")
         return code
+
+    def _store_out_of_memory(self, assoc: Any, command: Any) -> None:
+        """A C-STORE :class:`GuardedDIMSE` answered 0xA700: no memory to receive it (F18)."""
+        request = StoreRequest(
+            sop_class_uid=str(command.AffectedSOPClassUID or ""),
+            sop_instance_uid=str(command.AffectedSOPInstanceUID or ""),
+            transfer_syntax_uid="",
+            dataset_path=Path(),
+        )
+        try:
+            self.listener.store_failed(_info(assoc), request, st.OUT_OF_RESOURCES, "out-of-memory")
+        except Exception:  # association boundary (the DUL thread): auditing it failed
+            log.exception("C-STORE failure audit failed")
 
     # --- query/retrieve (PS3.4 Annex C) ------------------------------------------------
     def _qr_refused(self, info: AssociationInfo, service: str, status: int, reason: str) -> None:

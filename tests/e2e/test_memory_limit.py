@@ -4,11 +4,17 @@ so making them costs no time; the node receives every byte all the same.
 
 The limit is set from the node's own idle address space (measured in a first run without a
 limit). With 640 MiB more, far below what holding the instances in memory would need
-(pynetdicom's default), every instance must be stored: the receive is streamed. With 16 MiB
-more, the node runs out of address space for threads and buffers: each C-STORE is then
-answered Success or 0xA700, or its association rejected as transient (2/3/2, local limit
-exceeded), never a dropped connection or a dead process, and the node keeps serving (echo,
-and a small instance stored after).
+(pynetdicom's default), every instance must be stored: the receive is streamed. With 16, 32
+or 56 MiB more, the node runs out of address space for threads and buffers at different
+points: each C-STORE is then answered Success or 0xA700, or its association rejected as
+transient (2/3/2, local limit exceeded), never a dropped connection, an unanswered request or
+a dead process, and the node keeps serving (echo, and a small instance stored after).
+
+Where it runs out differs from run to run: at 16 MiB mostly a thread for a new association
+(one that died starting once left its peer waiting for the ACSE timeout: a start that gives
+up, in ``gateway.dicom.reactor``); at 32 and 56 MiB also the buffers of a PDU (waited for,
+then a C-STORE drained and answered 0xA700 by ``GuardedDIMSE``, where pynetdicom aborted
+as if the peer's PDU were invalid).
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ def idle_address_space(tmp_path_factory: pytest.TempPathFactory) -> int:
         return address_space(node.pid)
 
 
-@pytest.mark.parametrize(("headroom_mib", "all_stored"), [(640, True), (16, False)])
+@pytest.mark.parametrize(("headroom_mib", "all_stored"), [(640, True), (16, False), (32, False), (56, False)])
 def test_large_instances_under_an_address_space_limit(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -117,16 +123,16 @@ def test_large_instances_under_an_address_space_limit(
             t.start()
         for t in threads:
             t.join(120)
-        assert node.proc is not None and node.proc.poll() is None, node.log()
+        assert node.proc is not None and node.proc.poll() is None, node.log(200)
         assert set(results) == {big.name, *(p.name for p in parallel)}
         allowed = {0x0000} if all_stored else {0x0000, 0xA700, "rejected-transient"}
-        assert set(results.values()) <= allowed, f"{results}\n{node.log()}"
+        assert set(results.values()) <= allowed, f"{results}\n{node.log(200)}"
         time.sleep(0.5)  # the parallel associations' threads end
         canary(node)
         small = make_instance(tmp_path / "small.dcm", seed=199)
         after: dict[str, object] = {}
         send(node, small, after)
-        assert after[small.name] == 0x0000, node.log()
+        assert after[small.name] == 0x0000, node.log(200)
         stored = [
             r
             for r in node.cli_json("audit", "list", "--type", "c-store", "--limit", "100")
