@@ -95,7 +95,9 @@ def idle_address_space(tmp_path_factory: pytest.TempPathFactory) -> int:
         return address_space(node.pid)
 
 
-@pytest.mark.parametrize(("headroom_mib", "all_stored"), [(640, True), (16, False), (32, False), (56, False)])
+@pytest.mark.parametrize(
+    ("headroom_mib", "all_stored"), [(640, True), (16, False), (32, False), (56, False)]
+)
 def test_large_instances_under_an_address_space_limit(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
