@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import select
+import ssl
 import struct
 import threading
 import time
@@ -125,6 +126,7 @@ class WakingDUL(DULServiceProvider):
         # set before the DUL thread checks its queues and waits, cleared after: a put that
         # sees it False was made before that check, which then finds the item
         self._waiting = False
+        self._sent_last = False  # the last loop sent a local primitive (see below)
         self.to_provider_queue = WakingQueue(self.wake)
         self.event_queue = WakingQueue(self.wake)
         self.to_user_queue = WakingQueue(activity.set)
@@ -168,6 +170,29 @@ class WakingDUL(DULServiceProvider):
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
+
+    def _process_recv_primitive(self) -> bool:
+        """pynetdicom's, which turns the next local primitive into its event on every loop
+        that has one, so the peer's PDUs are read only once everything queued is sent: a
+        C-CANCEL waited behind all of a C-FIND's pending responses. Here a loop after one
+        that sent reads first when the peer's PDU is waiting."""
+        if self._sent_last and self._peer_waiting():
+            self._sent_last = False
+            return False  # the loop goes on to _is_transport_event, which reads it
+        self._sent_last = super()._process_recv_primitive()
+        return self._sent_last
+
+    def _peer_waiting(self) -> bool:
+        sock = getattr(self.socket, "socket", None)
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):  # closed under us: the loop finds out
+            return False
+        return bool(readable)
 
     def _read_pdu_data(self) -> None:
         """pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data``: the same event for each
