@@ -118,6 +118,10 @@ class StoreRequest:
     received_digest: tuple[int, str] | None = None
     """Size and SHA-256 of the file's plaintext, taken as it was received (None: not known,
     the spool reads the file to compute them)."""
+    received_prefix: bytes = b""
+    """The plaintext's first bytes (up to :data:`RECEIVED_PREFIX_BYTES`), kept as they were
+    received, so the header is parsed without reading the file back; only a header that
+    reaches past them is read from the file."""
 
 
 class AssociationListener(Protocol):
@@ -766,9 +770,10 @@ class DicomServer:
             dataset_path=Path(event.dataset_path),
         )
         try:
-            digest = _check_receive_buffer(req)
-            if digest is not None:
-                request = replace(request, received_digest=digest)
+            received = _check_receive_buffer(req)
+            if received is not None:
+                size, sha256, prefix = received
+                request = replace(request, received_digest=(size, sha256), received_prefix=prefix)
             return self.listener.store(info, request)
         except Exception as exc:  # association boundary: answer, never kill the association
             code, reason = failure_status(exc, unexpected=st.PROCESSING_FAILURE)
@@ -1006,6 +1011,10 @@ def configure_pynetdicom(incoming_dir: Path, *, spool: Spool | None = None) -> N
 
 _receive_kek: DataKeyWrapper | None = None
 
+RECEIVED_PREFIX_BYTES = 64 * 1024
+"""How much of each received data set's start a receive buffer keeps in memory: the whole
+header of nearly every instance (a CT's is ~1-2 KB before its Pixel Data)."""
+
 
 class _ReceiveBuffer:
     """pynetdicom's C-STORE receive file, which survives a failed write (ENOSPC).
@@ -1026,6 +1035,7 @@ class _ReceiveBuffer:
         self.error: OSError | None = None
         self.received = 0  # data set bytes so far (GuardedDIMSE caps it)
         self._sha256 = hashlib.sha256()  # of the plaintext, as it arrives
+        self._prefix = bytearray()  # its first RECEIVED_PREFIX_BYTES
         self._envelope: EnvelopeWriter | None = None
         if _receive_kek is not None:
             kek = _receive_kek
@@ -1042,6 +1052,9 @@ class _ReceiveBuffer:
     def write(self, data: bytes) -> int:
         self.received += len(data)
         self._sha256.update(data)
+        room = RECEIVED_PREFIX_BYTES - len(self._prefix)
+        if room > 0:
+            self._prefix += memoryview(data)[:room]
         sink = self._envelope if self._envelope is not None else self._f
         self._guard(lambda: sink.write(data))
         return len(data)
@@ -1060,14 +1073,18 @@ class _ReceiveBuffer:
         """Size and SHA-256 of everything written (the file's plaintext)."""
         return self.received, self._sha256.hexdigest()
 
+    def prefix(self) -> bytes:
+        """The first :data:`RECEIVED_PREFIX_BYTES` written (all of it when shorter)."""
+        return bytes(self._prefix)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._f.close()
 
 
-def _check_receive_buffer(req: Any) -> tuple[int, str] | None:
-    """Finish the request's receive buffer; its plaintext's size and SHA-256 (None when the
-    buffer is not ours). Raises SpoolError when a write to it failed."""
+def _check_receive_buffer(req: Any) -> tuple[int, str, bytes] | None:
+    """Finish the request's receive buffer; its plaintext's size, SHA-256 and first bytes
+    (None when the buffer is not ours). Raises SpoolError when a write to it failed."""
     buffer = getattr(req, "_dataset_file", None)
     if not isinstance(buffer, _ReceiveBuffer):
         return None
@@ -1076,4 +1093,4 @@ def _check_receive_buffer(req: Any) -> tuple[int, str] | None:
         if buffer.error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SpoolFullError("spool filesystem is full (receive buffer)")
         raise SpoolError(f"receive buffer write failed: {buffer.error.strerror}")
-    return buffer.digest()
+    return (*buffer.digest(), buffer.prefix())

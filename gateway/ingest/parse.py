@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
@@ -58,6 +58,79 @@ def read_header(
     except _UNPARSEABLE as exc:
         raise IngestError(st.CANNOT_UNDERSTAND, "dataset-unparseable") from exc
     return ds
+
+
+class PrefixedReader(io.RawIOBase):
+    """A file's plaintext served from its first bytes held in memory, ``open_file`` opened
+    (once, lazily) only for a read that reaches past them.
+
+    For a received data set whose start the receive buffer kept (the bytes written to the
+    spool file, so both sources agree): the header of nearly every instance lies in the
+    prefix, and parsing it costs no re-open and no decryption of the file's first segment.
+    ``size`` is the whole plaintext's length. Reads after :meth:`close` raise ValueError.
+    """
+
+    def __init__(self, prefix: bytes, size: int, open_file: Callable[[], BinaryIO]) -> None:
+        super().__init__()
+        if len(prefix) > size:
+            raise ValueError("prefix longer than the file")
+        self._prefix = prefix
+        self._size = size
+        self._open_file = open_file
+        self._file: BinaryIO | None = None
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from a closed reader")
+        pos = self._pos
+        end = self._size if size is None or size < 0 else min(self._size, pos + size)
+        if end <= len(self._prefix) or pos >= self._size:  # in the prefix, or at the end
+            self._pos = max(pos, end)
+            return self._prefix[pos:end]
+        if self._file is None:
+            self._file = self._open_file()
+        self._file.seek(pos)
+        data = self._file.read(end - pos) if end > pos else b""
+        self._pos = pos + len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed and self._file is not None:
+            self._file.close()
+        super().close()
 
 
 def _raw_elements(ds: Dataset) -> Iterator[DataElement | RawDataElement]:

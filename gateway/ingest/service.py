@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import cast
+from pathlib import Path
+from typing import BinaryIO, cast
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Executable, Table, bindparam, insert, select, update
@@ -38,7 +39,7 @@ from gateway.index import deliveries
 from gateway.index.db import Database
 from gateway.index.group_commit import GroupCommit
 from gateway.index.models import Instance, RouteCandidate, Series, Study
-from gateway.ingest.parse import read_header
+from gateway.ingest.parse import PrefixedReader, read_header
 from gateway.metrics import Metrics
 from gateway.received import UnreadableValue, value_texts
 from gateway.routing.match import matches
@@ -321,7 +322,7 @@ class IngestService:
         ds = read_header(
             request.dataset_path,
             max_depth=self.cfg.dicom.max_sequence_depth,
-            opener=self.spool.open_path,
+            opener=self._opener(request),
         )
         if _text(ds, "SOPInstanceUID", 65) != request.sop_instance_uid:
             raise IngestError(st.DATASET_MISMATCH, "sop-instance-uid-differs-from-command")
@@ -332,6 +333,17 @@ class IngestService:
         if not is_valid_uid(study) or not is_valid_uid(series):
             raise IngestError(st.DATASET_MISMATCH, "missing-or-invalid-study-or-series-uid")
         return _Header(study, series, ds)
+
+    def _opener(self, request: StoreRequest) -> Callable[[Path], BinaryIO]:
+        """How the header parse reads the received file: from the bytes the receive buffer
+        kept as they arrived, the spool file only past them (or wholly, when none were)."""
+        prefix, digest = request.received_prefix, request.received_digest
+        if not prefix or digest is None:
+            return self.spool.open_path
+        size = digest[0]
+        return lambda path: cast(
+            BinaryIO, PrefixedReader(prefix, size, lambda: self.spool.open_path(path))
+        )
 
     def _index(
         self,

@@ -20,7 +20,7 @@ from pydicom.uid import (
 
 from gateway.dicom.status import CANNOT_UNDERSTAND
 from gateway.errors import IngestError
-from gateway.ingest.parse import read_header
+from gateway.ingest.parse import PrefixedReader, read_header
 
 CONTENT_SEQUENCE = 0x0040A730
 ENCAPSULATED_DOCUMENT = 0x00420011
@@ -303,3 +303,73 @@ def test_truncated_large_value_inside_a_sequence_is_refused(tmp_path: Path) -> N
     data = path.read_bytes()
     path.write_bytes(data[:-500])
     _refused(path)
+
+
+# --- the header from a received data set's first bytes (PrefixedReader) ---------------
+
+
+def _prefixed(path: Path, keep: int, opened: list[int]) -> PrefixedReader:
+    data = path.read_bytes()
+
+    def open_file() -> BytesIO:
+        opened.append(1)
+        return BytesIO(data)
+
+    return PrefixedReader(data[:keep], len(data), open_file)
+
+
+@pytest.mark.parametrize("keep", [0, 1, 131, 132, 500, 4096, 10**6])
+def test_prefixed_reader_reads_what_the_file_holds(tmp_path: Path, keep: int) -> None:
+    """Any read and seek gives the file's bytes, wherever the prefix ends."""
+    path = _save(_base(rows=40, with_pixels=True), tmp_path / "f.dcm")
+    data = path.read_bytes()
+    opened: list[int] = []
+    reader = _prefixed(path, keep, opened)
+    assert reader.seek(0, 2) == len(data)
+    got = []
+    for start, n in [(0, 7), (3, 300), (keep - 2, 5), (len(data) - 10, 50), (len(data), 4)]:
+        reader.seek(max(0, start))
+        got.append(reader.read(n))
+        assert reader.tell() == max(0, start) + len(got[-1])
+    want = [data[max(0, a) : max(0, a) + n] for a, n in [(0, 7), (3, 300), (keep - 2, 5)]]
+    assert got[:3] == want
+    assert got[3] == data[-10:] and got[4] == b""
+    reader.seek(0)
+    assert reader.read() == data
+    assert len(opened) == (0 if keep >= len(data) else 1)  # opened once, only when needed
+    reader.close()
+    with pytest.raises(ValueError):
+        reader.read(1)
+
+
+def test_header_within_the_prefix_never_opens_the_file(tmp_path: Path) -> None:
+    path = _save(_base(rows=128, with_pixels=True), tmp_path / "f.dcm")  # Pixel Data deferred
+    opened: list[int] = []
+    ds = read_header(path, max_depth=64, opener=lambda _p: _prefixed(path, 2048, opened))
+    assert ds.PatientID == "P1" and opened == []
+    plain = read_header(path, max_depth=64)
+    assert list(ds.keys()) == list(plain.keys())
+    for name in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows"):
+        assert ds[name].value == plain[name].value
+    with pytest.raises(ValueError):  # the deferred Pixel Data is not read after the parse
+        _ = ds.PixelData
+
+
+def test_header_past_the_prefix_is_read_from_the_file(tmp_path: Path) -> None:
+    """A header longer than the prefix (a 6 KB comment, a nested sequence) parses as from
+    the file; a truncated value past the prefix is still refused."""
+    ds = _base(rows=16, with_pixels=True)
+    ds.ImageComments = "x" * 6000
+    path = _save(ds, tmp_path / "f.dcm")
+    opened: list[int] = []
+    got = read_header(path, max_depth=64, opener=lambda _p: _prefixed(path, 600, opened))
+    assert got.ImageComments == "x" * 6000 and opened == [1]
+    data = path.read_bytes()
+    cut = data[: data.index(b"xxxx") + 3000]
+    with pytest.raises(IngestError) as err:
+        read_header(
+            path,
+            max_depth=64,
+            opener=lambda _p: PrefixedReader(cut[:600], len(cut), lambda: BytesIO(cut)),
+        )
+    assert err.value.status == CANNOT_UNDERSTAND
