@@ -13,6 +13,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from gateway.config.model import UpstreamConfig
+from gateway.dicom.reactor import thread_start_failed
+from gateway.dicom.scu import OUT_OF_THREADS
 from gateway.errors import RetryableError
 
 FIND = {
@@ -37,7 +39,12 @@ class UpstreamClient:
         ae.dimse_timeout = self.cfg.timeout
         ae.network_timeout = self.cfg.timeout
         ae.add_requested_context(sop_class)
-        assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
+        try:
+            assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
+        except (RuntimeError, MemoryError) as exc:
+            if not thread_start_failed(exc):
+                raise
+            raise RetryableError(OUT_OF_THREADS) from None
         if not assoc.is_established:
             raise RetryableError("upstream PACS refused or unreachable")
         return assoc

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,35 @@ def bound_start(thread: threading.Thread) -> threading.Thread:
     thread dies before it runs (see :class:`_StartedOrDead`); call before ``start()``."""
     vars(thread)["_started"] = _StartedOrDead()
     return thread
+
+
+class BoundedRequestor(Association):
+    """The association pynetdicom's ``AE.associate`` makes (installed by
+    :func:`gateway.dicom.server.configure_pynetdicom`), whose thread starts cannot block
+    forever (FAULTS F18): its DUL thread's start and the wait for it to run, and its own
+    thread's start once the association is established, raise ``RuntimeError`` after
+    :data:`START_WAIT` instead. An established association whose thread did not start is
+    aborted (A-ABORT to the peer) before the error is raised, so no half-made association
+    is left to the peer's timeout. The node's outgoing associations (deliveries, C-MOVE and
+    C-GET sub-operations, upstream queries) map the error to a retry."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        bound_start(self)
+        bound_start(self.dul)
+        self._dul_ready = _StartedOrDead()  # set by the DUL thread as it begins
+
+    def start(self) -> None:
+        try:
+            super().start()
+        except RuntimeError:
+            self.abort()
+            raise
+
+
+def thread_start_failed(exc: BaseException) -> bool:
+    """``exc`` says an association's thread could not be made or did not start (F18)."""
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "thread" in str(exc))
 
 
 def with_memory(make: Callable[[], T], *, until: float | None = None) -> T:

@@ -40,6 +40,7 @@ from pynetdicom.presentation import build_context
 from gateway.config import DestinationConfig
 from gateway.crypto.tls import check_pin
 from gateway.dicom.contexts import UNCOMPRESSED
+from gateway.dicom.reactor import thread_start_failed
 from gateway.dicom.spool_io import open_plain
 from gateway.dicom.tls import destination_context
 from gateway.errors import (
@@ -158,6 +159,9 @@ class _Link:
         """Whether every file's (SOP class, stored syntax) was proposed on this association,
         so sending on it behaves as on one opened for ``files``."""
         return all((f.sop_class_uid, f.transfer_syntax_uid) in self.proposed for f in files)
+
+
+OUT_OF_THREADS = "no thread or memory for the association (out of resources)"
 
 
 @dataclass
@@ -346,15 +350,20 @@ class StoreSCU:
             (str(cx.abstract_syntax), str(ts)) for cx in contexts for ts in cx.transfer_syntax
         )
         opened: list[Any] = []  # EVT_CONN_OPEN: connected (and, with TLS, handshake done)
-        assoc = ae.associate(
-            self.dest.host,
-            self.dest.port,
-            contexts=contexts,
-            ae_title=self.dest.ae_title,
-            max_pdu=self.dest.max_pdu_size,
-            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, opened.append)],
-            tls_args=self.tls_args,
-        )
+        try:
+            assoc = ae.associate(
+                self.dest.host,
+                self.dest.port,
+                contexts=contexts,
+                ae_title=self.dest.ae_title,
+                max_pdu=self.dest.max_pdu_size,
+                evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, opened.append)],
+                tls_args=self.tls_args,
+            )
+        except (RuntimeError, MemoryError) as exc:
+            if not thread_start_failed(exc):
+                raise
+            raise RetryableError(OUT_OF_THREADS) from None
         if not assoc.is_established:
             if assoc.is_rejected:
                 rsd = getattr(assoc.acceptor, "primitive", None)

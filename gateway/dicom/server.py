@@ -38,6 +38,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import ae as pynetdicom_ae
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
@@ -53,7 +54,12 @@ from gateway.dicom import spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedDIMSE, GuardedSocket, GuardedStateMachine
-from gateway.dicom.reactor import WakingDUL, bound_start, run_acceptor_reactor
+from gateway.dicom.reactor import (
+    BoundedRequestor,
+    WakingDUL,
+    bound_start,
+    run_acceptor_reactor,
+)
 from gateway.dicom.retrieve import (
     CANCEL,
     IDENTIFIER_MISMATCH,
@@ -1004,6 +1010,8 @@ def configure_pynetdicom(incoming_dir: Path, *, spool: Spool | None = None) -> N
     incoming_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(incoming_dir)
     dimse_messages.NamedTemporaryFile = _ReceiveBuffer  # type: ignore[attr-defined,assignment]
+    # what AE.associate makes: an outgoing association whose threads cannot hang starting
+    pynetdicom_ae.Association = BoundedRequestor  # type: ignore[attr-defined]
     _receive_kek = spool.keyring.current if spool is not None and spool.keyring else None
     spool_io.install(spool)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
