@@ -81,7 +81,17 @@ def bound_start(thread: threading.Thread) -> threading.Thread:
     return thread
 
 
-class BoundedRequestor(Association):
+class _AnyAssociation(type):
+    """``isinstance(x, BoundedRequestor)`` holds for every pynetdicom association: the name
+    :class:`BoundedRequestor` replaces in ``pynetdicom.ae`` is also what
+    ``AE.active_associations`` counts threads with, and the node's acceptors (limits) must
+    still be counted there."""
+
+    def __instancecheck__(cls, instance: object) -> bool:
+        return isinstance(instance, Association)
+
+
+class BoundedRequestor(Association, metaclass=_AnyAssociation):
     """The association pynetdicom's ``AE.associate`` makes (installed by
     :func:`gateway.dicom.server.configure_pynetdicom`), whose thread starts cannot block
     forever (FAULTS F18): its DUL thread's start and the wait for it to run, and its own

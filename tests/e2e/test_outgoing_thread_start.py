@@ -127,7 +127,11 @@ def test_configure_pynetdicom_installs_the_bounded_requestor(tmp_path: Path) -> 
         "from gateway.dicom.reactor import BoundedRequestor;"
         "from gateway.dicom.server import configure_pynetdicom;"
         "configure_pynetdicom(Path(sys.argv[1]));"
-        "assert a.Association is BoundedRequestor, a.Association"
+        "assert a.Association is BoundedRequestor, a.Association;"
+        # the AE still counts acceptor associations (its limits) under the replaced name
+        "from pynetdicom import AE; from pynetdicom.association import Association;"
+        "import threading; ae = AE(); acc = Association(ae, 'acceptor');"
+        "assert isinstance(acc, a.Association)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "incoming")],
