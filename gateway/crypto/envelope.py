@@ -33,6 +33,7 @@ the segments stay untouched (:func:`rewrap_header`).
 
 from __future__ import annotations
 
+import abc
 import io
 import os
 import struct
@@ -360,7 +361,50 @@ class EnvelopeReader:
         self.close()
 
 
-class SeekableEnvelopeReader(io.RawIOBase):
+class PositionedReader(io.RawIOBase):
+    """A read-only, seekable raw stream of ``size`` bytes at position ``_pos``: subclasses
+    set both and implement :meth:`read` (a read past the end returns what there is)."""
+
+    size: int
+    _pos: int
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    @abc.abstractmethod
+    def read(self, size: int | None = -1) -> bytes: ...
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+
+class SeekableEnvelopeReader(PositionedReader):
     """Random access to the verified plaintext of an envelope in a seekable file.
 
     Segment ``i`` lies at ``header_len + i * (segment_size + 16)``. Every segment is
@@ -423,29 +467,6 @@ class SeekableEnvelopeReader(io.RawIOBase):
         self._cache[index] = plain
         return plain
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self.size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = pos
-        return pos
-
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
             raise ValueError("read from a closed envelope reader")
@@ -466,15 +487,6 @@ class SeekableEnvelopeReader(io.RawIOBase):
             self._current, self._current_start = segment, index * self._seg
         self._pos = max(self._pos, pos)
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if not self.closed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 
+from gateway.crypto.envelope import PositionedReader
 from gateway.dicom import status as st
 from gateway.errors import IngestError
 from gateway.received import DECODE_ERRORS
@@ -60,7 +61,7 @@ def read_header(
     return ds
 
 
-class PrefixedReader(io.RawIOBase):
+class PrefixedReader(PositionedReader):
     """A file's plaintext served from its first bytes held in memory, ``open_file`` opened
     (once, lazily) only for a read that reaches past them.
 
@@ -75,40 +76,17 @@ class PrefixedReader(io.RawIOBase):
         if len(prefix) > size:
             raise ValueError("prefix longer than the file")
         self._prefix = prefix
-        self._size = size
+        self.size = size
         self._open_file = open_file
         self._file: BinaryIO | None = None
         self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == io.SEEK_END:
-            pos = self._size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise ValueError("negative seek position")
-        self._pos = pos
-        return pos
 
     def read(self, size: int | None = -1) -> bytes:
         if self.closed:
             raise ValueError("read from a closed reader")
         pos = self._pos
-        end = self._size if size is None or size < 0 else min(self._size, pos + size)
-        if end <= len(self._prefix) or pos >= self._size:  # in the prefix, or at the end
+        end = self.size if size is None or size < 0 else min(self.size, pos + size)
+        if end <= len(self._prefix) or pos >= self.size:  # in the prefix, or at the end
             self._pos = max(pos, end)
             return self._prefix[pos:end]
         if self._file is None:
@@ -117,15 +95,6 @@ class PrefixedReader(io.RawIOBase):
         data = self._file.read(end - pos) if end > pos else b""
         self._pos = pos + len(data)
         return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         if not self.closed and self._file is not None:
