@@ -13,8 +13,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 
 from gateway.config.model import UpstreamConfig
-from gateway.dicom.reactor import thread_start_failed
-from gateway.dicom.scu import OUT_OF_THREADS
+from gateway.dicom.scu import associate
 from gateway.errors import RetryableError
 
 FIND = {
@@ -39,12 +38,7 @@ class UpstreamClient:
         ae.dimse_timeout = self.cfg.timeout
         ae.network_timeout = self.cfg.timeout
         ae.add_requested_context(sop_class)
-        try:
-            assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
-        except (RuntimeError, MemoryError) as exc:
-            if not thread_start_failed(exc):
-                raise
-            raise RetryableError(OUT_OF_THREADS) from None
+        assoc = associate(ae, self.cfg.host, self.cfg.port, ae_title=self.cfg.ae_title)
         if not assoc.is_established:
             raise RetryableError("upstream PACS refused or unreachable")
         return assoc

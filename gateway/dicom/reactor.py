@@ -115,11 +115,6 @@ class BoundedRequestor(Association, metaclass=_AnyAssociation):
             raise
 
 
-def thread_start_failed(exc: BaseException) -> bool:
-    """``exc`` says an association's thread could not be made or did not start (F18)."""
-    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "thread" in str(exc))
-
-
 def with_memory(make: Callable[[], T], *, until: float | None = None) -> T:
     """``make()``, tried again while it raises ``MemoryError`` (FAULTS F18: the address
     space is full while other associations hold buffers, which they give back as they end)

@@ -40,7 +40,6 @@ from pynetdicom.presentation import build_context
 from gateway.config import DestinationConfig
 from gateway.crypto.tls import check_pin
 from gateway.dicom.contexts import UNCOMPRESSED
-from gateway.dicom.reactor import thread_start_failed
 from gateway.dicom.spool_io import open_plain
 from gateway.dicom.tls import destination_context
 from gateway.errors import (
@@ -162,6 +161,20 @@ class _Link:
 
 
 OUT_OF_THREADS = "no thread or memory for the association (out of resources)"
+
+
+def associate(ae: AE, host: str, port: int, **kwargs: Any) -> Any:
+    """``ae.associate(host, port, **kwargs)``; an association whose DUL or own thread could
+    not be made or did not start (FAULTS F18, see :class:`~gateway.dicom.reactor.
+    BoundedRequestor`) raises :class:`RetryableError` (:data:`OUT_OF_THREADS`)."""
+    try:
+        return ae.associate(host, port, **kwargs)
+    except MemoryError:
+        raise RetryableError(OUT_OF_THREADS) from None
+    except RuntimeError as exc:
+        if "thread" not in str(exc):  # CPython's "can't start new thread", or START_WAIT's
+            raise
+        raise RetryableError(OUT_OF_THREADS) from None
 
 
 @dataclass
@@ -350,20 +363,16 @@ class StoreSCU:
             (str(cx.abstract_syntax), str(ts)) for cx in contexts for ts in cx.transfer_syntax
         )
         opened: list[Any] = []  # EVT_CONN_OPEN: connected (and, with TLS, handshake done)
-        try:
-            assoc = ae.associate(
-                self.dest.host,
-                self.dest.port,
-                contexts=contexts,
-                ae_title=self.dest.ae_title,
-                max_pdu=self.dest.max_pdu_size,
-                evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, opened.append)],
-                tls_args=self.tls_args,
-            )
-        except (RuntimeError, MemoryError) as exc:
-            if not thread_start_failed(exc):
-                raise
-            raise RetryableError(OUT_OF_THREADS) from None
+        assoc = associate(
+            ae,
+            self.dest.host,
+            self.dest.port,
+            contexts=contexts,
+            ae_title=self.dest.ae_title,
+            max_pdu=self.dest.max_pdu_size,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_CONN_OPEN, opened.append)],
+            tls_args=self.tls_args,
+        )
         if not assoc.is_established:
             if assoc.is_rejected:
                 rsd = getattr(assoc.acceptor, "primitive", None)
