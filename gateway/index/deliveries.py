@@ -7,6 +7,7 @@ serialises claimers. A lease whose worker died expires and the delivery is claim
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -140,13 +141,26 @@ class Claim:
     lease_expires_at: datetime
 
 
-def _due(now: datetime, horizon: float | None) -> tuple[Any, Any]:
-    """(the deliveries due at ``now``, the leases still live), see :func:`claim`."""
+@dataclass(frozen=True)
+class _DueQueries:
+    """The statements of :func:`any_due` and :func:`claim`, built once (parameters ``now``
+    and, with a horizon, ``beyond``): idle workers poll with them, and building them per
+    poll (expressions, bind parameters, cache keys) cost more than running them."""
+
+    any_id: Any
+    waiting: Any
+    busy: Any
+    candidates: Any
+
+
+@functools.cache
+def _due_queries(with_horizon: bool) -> _DueQueries:
+    now = bindparam("now", type_=Delivery.next_attempt_at.type)
     retry_due = Delivery.next_attempt_at <= now
     lease_over = Delivery.lease_expires_at < now
     lease_live = Delivery.lease_expires_at >= now
-    if horizon is not None:
-        beyond = now + timedelta(seconds=horizon)
+    if with_horizon:
+        beyond = bindparam("beyond", type_=Delivery.next_attempt_at.type)
         retry_due = or_(retry_due, Delivery.next_attempt_at > beyond)
         lease_over = or_(lease_over, Delivery.lease_expires_at > beyond)
         lease_live = lease_live & (Delivery.lease_expires_at <= beyond)
@@ -154,7 +168,27 @@ def _due(now: datetime, horizon: float | None) -> tuple[Any, Any]:
         (Delivery.state.in_([s.value for s in CLAIMABLE])) & retry_due,
         (Delivery.state == State.IN_PROGRESS.value) & lease_over,
     )
-    return due, lease_live
+    return _DueQueries(
+        any_id=select(Delivery.id).where(due).limit(1),
+        waiting=select(Delivery.destination).where(due).distinct(),
+        busy=select(Delivery.destination, func.count())
+        .where(Delivery.state == State.IN_PROGRESS.value, lease_live)
+        .group_by(Delivery.destination),
+        candidates=select(Delivery)
+        .where(due)
+        .order_by(Delivery.next_attempt_at, Delivery.created_at)
+        .limit(32)
+        .with_for_update(skip_locked=True),
+    )
+
+
+def _due(now: datetime, horizon: float | None) -> tuple[_DueQueries, dict[str, datetime]]:
+    """(the statements finding the deliveries due at ``now`` and the leases still live,
+    their parameters), see :func:`claim`."""
+    params = {"now": now}
+    if horizon is not None:
+        params["beyond"] = now + timedelta(seconds=horizon)
+    return _due_queries(horizon is not None), params
 
 
 def any_due(
@@ -169,19 +203,13 @@ def any_due(
     a free association slot counts (as in :func:`claim`): while a study streams, its next
     delivery is due while the destination's slots are busy, and every idle worker took the
     writer lock for a claim that could not succeed, once per streamed instance."""
-    due, lease_live = _due(now, horizon)
+    queries, params = _due(now, horizon)
     if capacity is None:
-        return session.execute(select(Delivery.id).where(due).limit(1)).first() is not None
-    waiting = set(session.execute(select(Delivery.destination).where(due).distinct()).scalars())
+        return session.execute(queries.any_id, params).first() is not None
+    waiting = set(session.execute(queries.waiting, params).scalars())
     if not waiting:
         return False
-    busy = dict(
-        session.execute(
-            select(Delivery.destination, func.count())
-            .where(Delivery.state == State.IN_PROGRESS.value, lease_live)
-            .group_by(Delivery.destination)
-        ).all()
-    )
+    busy = dict(session.execute(queries.busy, params).tuples().all())
     return any(busy.get(d, 0) < capacity.get(d, 1) for d in waiting)
 
 
@@ -201,27 +229,11 @@ def claim(
     ``now`` counts as due: no clock on this time line sets one so far ahead, so it was
     written under a system clock that has since been set back (FAULTS F19), and waiting
     for it would stall the delivery for as long as the clock went back."""
-    due, lease_live = _due(now, horizon)
-    candidates = (
-        session.execute(
-            select(Delivery)
-            .where(due)
-            .order_by(Delivery.next_attempt_at, Delivery.created_at)
-            .limit(32)
-            .with_for_update(skip_locked=True)
-        )
-        .scalars()
-        .all()
-    )
+    queries, params = _due(now, horizon)
+    candidates = session.execute(queries.candidates, params).scalars().all()
     if not candidates:
         return None
-    busy = dict(
-        session.execute(
-            select(Delivery.destination, func.count())
-            .where(Delivery.state == State.IN_PROGRESS.value, lease_live)
-            .group_by(Delivery.destination)
-        ).all()
-    )
+    busy = dict(session.execute(queries.busy, params).tuples().all())
     for d in candidates:
         if d.destination in skip:
             continue
