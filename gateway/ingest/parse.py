@@ -43,15 +43,13 @@ def read_header(
         if opener is None:
             size = path.stat().st_size
             ds = dcmread(path, defer_size=_DEFER)
-            _check_extent(ds, size)
-            _check_depth(ds, max_depth)
+            _check(ds, size, max_depth)
         else:
             with opener(path) as fp:
                 size = fp.seek(0, io.SEEK_END)
                 fp.seek(0)
                 ds = dcmread(fp, defer_size=_DEFER)
-                _check_extent(ds, size)
-                _check_depth(ds, max_depth)
+                _check(ds, size, max_depth)
     except RecursionError as exc:
         raise IngestError(st.CANNOT_UNDERSTAND, "sequence-nesting-too-deep") from exc
     except IngestError:
@@ -109,26 +107,25 @@ def _raw_elements(ds: Dataset) -> Iterator[DataElement | RawDataElement]:
         yield ds.get_item(tag, keep_deferred=True)
 
 
-def _check_extent(ds: Dataset, size: int) -> None:
-    """Values must lie inside the file: a declared length past the end is a lie. Deferred
-    values are not read yet; pydicom reads a short value without complaint."""
-    for elem in _raw_elements(ds):
-        if isinstance(elem, RawDataElement):
-            if elem.length != 0xFFFFFFFF and elem.value_tell + elem.length > size:
-                raise IngestError(st.CANNOT_UNDERSTAND, "dataset-truncated")
+def _check(ds: Dataset, size: int, max_depth: int) -> None:
+    """One walk over the elements, each checked before it is read further:
 
-
-def _check_depth(ds: Dataset, max_depth: int) -> None:
+    * at the top level, a value must lie inside the file (a declared length past the end is
+      a lie; deferred values are not read yet, and pydicom reads a short value without
+      complaint);
+    * sequences, and UN values of undefined length that pydicom reads as sequences, may
+      nest at most ``max_depth`` deep.
+    """
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         current, depth = stack.pop()
         for elem in _raw_elements(current):
+            raw = isinstance(elem, RawDataElement)
+            if raw and depth == 0 and elem.length != 0xFFFFFFFF:
+                if elem.value_tell + elem.length > size:
+                    raise IngestError(st.CANNOT_UNDERSTAND, "dataset-truncated")
             vr = _vr_of(current, elem)
-            if vr != "SQ" and not (
-                isinstance(elem, RawDataElement)
-                and vr in (None, "UN")
-                and elem.length == 0xFFFFFFFF
-            ):
+            if vr != "SQ" and not (raw and vr in (None, "UN") and elem.length == 0xFFFFFFFF):
                 continue
             value = current[elem.tag].value
             if not isinstance(value, Sequence):  # pydicom 3's Sequence is not a list
