@@ -120,12 +120,13 @@ def _check(ds: Dataset, size: int, max_depth: int) -> None:
     while stack:
         current, depth = stack.pop()
         for elem in _raw_elements(current):
-            raw = isinstance(elem, RawDataElement)
-            if raw and depth == 0 and elem.length != 0xFFFFFFFF:
-                if elem.value_tell + elem.length > size:
+            undefined = False  # a raw value of undefined length
+            if isinstance(elem, RawDataElement):
+                undefined = elem.length == 0xFFFFFFFF
+                if depth == 0 and not undefined and elem.value_tell + elem.length > size:
                     raise IngestError(st.CANNOT_UNDERSTAND, "dataset-truncated")
             vr = _vr_of(current, elem)
-            if vr != "SQ" and not (raw and vr in (None, "UN") and elem.length == 0xFFFFFFFF):
+            if vr != "SQ" and not (undefined and vr in (None, "UN")):
                 continue
             value = current[elem.tag].value
             if not isinstance(value, Sequence):  # pydicom 3's Sequence is not a list
