@@ -63,6 +63,22 @@ _INSERT_CANDIDATES = insert(_ROUTE_CANDIDATES)
 _STUDY_WHERE = _STUDIES.c.study_instance_uid == bindparam("uid")
 _STUDY_MODALITIES = select(_STUDIES.c.modalities).where(_STUDY_WHERE).with_for_update()
 _SET_MODALITIES = update(_STUDIES).where(_STUDY_WHERE).values(modalities=bindparam("modalities"))
+# Every instance but a study's (or series') first finds its row: counted by an update, and
+# the values of a new row (a dozen conversions of received values) made only for the first.
+_STUDY_SEEN = (
+    update(_STUDIES)
+    .where(_STUDY_WHERE)
+    .values(
+        instance_count=_STUDIES.c.instance_count + 1,
+        last_received_at=bindparam("received_at"),
+    )
+)
+_SERIES_SEEN = (
+    update(_SERIES)
+    .where(_SERIES.c.series_instance_uid == bindparam("uid"))
+    .values(instance_count=_SERIES.c.instance_count + 1)
+    .returning(_SERIES.c.instance_count)
+)
 
 
 @functools.cache
@@ -435,37 +451,43 @@ class IngestService:
         self, conn: Connection, ds: Dataset, header: _Header, modality: str, now: datetime
     ) -> None:
         study_upsert, series_upsert = _upserts(conn.dialect.name)
-        conn.execute(
-            study_upsert,
-            {
-                "study_instance_uid": header.study_instance_uid,
-                "patient_id": _text(ds, "PatientID", 64),
-                "patient_name": _text(ds, "PatientName", 324),
-                "patient_birth_date": _text(ds, "PatientBirthDate", 8),
-                "patient_sex": _text(ds, "PatientSex", 16),
-                "study_date": _text(ds, "StudyDate", 8),
-                "study_time": _text(ds, "StudyTime", 16),
-                "accession_number": _text(ds, "AccessionNumber", 16),
-                "study_id": _text(ds, "StudyID", 16),
-                "study_description": _text(ds, "StudyDescription", 64),
-                "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
-                "modalities": "",
-                "instance_count": 1,
-                "first_received_at": now,
-                "last_received_at": now,
-            },
-        )
+        seen = conn.execute(_STUDY_SEEN, {"uid": header.study_instance_uid, "received_at": now})
+        if seen.rowcount != 1:  # the study's first instance (the upsert: another node may too)
+            conn.execute(
+                study_upsert,
+                {
+                    "study_instance_uid": header.study_instance_uid,
+                    "patient_id": _text(ds, "PatientID", 64),
+                    "patient_name": _text(ds, "PatientName", 324),
+                    "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+                    "patient_sex": _text(ds, "PatientSex", 16),
+                    "study_date": _text(ds, "StudyDate", 8),
+                    "study_time": _text(ds, "StudyTime", 16),
+                    "accession_number": _text(ds, "AccessionNumber", 16),
+                    "study_id": _text(ds, "StudyID", 16),
+                    "study_description": _text(ds, "StudyDescription", 64),
+                    "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
+                    "modalities": "",
+                    "instance_count": 1,
+                    "first_received_at": now,
+                    "last_received_at": now,
+                },
+            )
         new_series = conn.execute(
-            series_upsert,
-            {
-                "series_instance_uid": header.series_instance_uid,
-                "study_instance_uid": header.study_instance_uid,
-                "modality": modality,
-                "series_number": _text(ds, "SeriesNumber", 12),
-                "series_description": _text(ds, "SeriesDescription", 64),
-                "instance_count": 1,
-            },
-        ).scalar_one()
+            _SERIES_SEEN, {"uid": header.series_instance_uid}
+        ).scalar_one_or_none()
+        if new_series is None:
+            new_series = conn.execute(
+                series_upsert,
+                {
+                    "series_instance_uid": header.series_instance_uid,
+                    "study_instance_uid": header.study_instance_uid,
+                    "modality": modality,
+                    "series_number": _text(ds, "SeriesNumber", 12),
+                    "series_description": _text(ds, "SeriesDescription", 64),
+                    "instance_count": 1,
+                },
+            ).scalar_one()
         if new_series == 1 and modality:
             # a new series may bring a new modality to the study (rare: once per series)
             uid = header.study_instance_uid
