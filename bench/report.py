@@ -59,6 +59,34 @@ def _ingest_md(result: dict[str, Any]) -> list[str]:
         )
     for item in result.get("skipped", []):
         lines.append(f"\nNot run: {item}.")
+    return lines + _durability_md(result.get("durability"))
+
+
+def _durability_md(result: dict[str, Any] | None) -> list[str]:
+    """What each receiver synced per instance before answering (bench.durability)."""
+    if not result:
+        return []
+    if result.get("not_measured"):
+        return ["", f"Sync calls per instance: not measured ({result['not_measured']})."]
+    lines = [
+        "",
+        f"Sync calls per instance ({', '.join(result['calls'])}) while each receiver took the "
+        f"data set's first {result['instances']} instances over one association, untimed, "
+        "under strace: what it makes durable before it answers, and the time it waits for "
+        "the disk.",
+        "",
+        "| data set | receiver | data file | folder | index | all | ms/inst in syncs |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['dataset']} | {row['system']} | FAILED: {row['error']} |||||")
+            continue
+        lines.append(
+            f"| {row['dataset']} | {row['system']} | {row['file_syncs_per_instance']:.2f} | "
+            f"{row['folder_syncs_per_instance']:.2f} | {row['index_syncs_per_instance']:.2f} | "
+            f"{row['syncs_per_instance']:.2f} | {row['sync_ms_per_instance']:.2f} |"
+        )
     return lines
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import crypto_throughput, data
+from bench import crypto_throughput, data, durability
 from bench.procstat import TreeMonitor, wait_idle
 from bench.systems import (
     INGEST_SYSTEMS,
@@ -219,6 +219,60 @@ def _ingest_once(
 
 INGEST_ORDER = ("node", "dcmtk-storescp", "dcmtk-storescp-ignore", "orthanc", "pynetdicom-scp")
 
+DURABILITY_INSTANCES = 20
+"""Instances each receiver gets in the untimed traced run (:mod:`bench.durability`)."""
+
+
+def _durability_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str, float]:
+    """``system``'s sync calls per instance while it receives the data set's first
+    :data:`DURABILITY_INSTANCES` over one association (untimed, under strace)."""
+    files = ds.files[:DURABILITY_INSTANCES]
+    root = settings.fresh_dir(f"durability-{ds.name}-{system}")
+    receiver: Receiver = INGEST_SYSTEMS[system](root, 1)
+    receiver.start()
+    try:
+        wait_idle(receiver.pid)
+
+        def send() -> None:
+            procs = start_storescu(
+                receiver.ae_title, receiver.port, files, 1, root / "storescu.log"
+            )
+            check_sender(wait_storescu(procs, settings.timeout), root / "storescu.log")
+
+        calls = durability.trace_syncs(receiver.pid, root / "strace.log", send)
+        stored = receiver.stored()
+        if stored is not None and stored < len(files):
+            raise RunFailed(f"{system} holds {stored} of {len(files)} instances")
+    finally:
+        receiver.stop()
+    shutil.rmtree(root, ignore_errors=True)
+    return {"instances": float(len(files)), **durability.per_instance(calls, len(files))}
+
+
+def _durability(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
+    if not durability.available():
+        return {"rows": [], "not_measured": "strace is not installed"}
+    rows: list[dict[str, Any]] = []
+    for name in settings.datasets:
+        ds = settings.dataset(name)
+        for system in systems:
+            try:
+                result = _durability_once(settings, system, ds)
+            except MEASUREMENT_ERRORS as exc:
+                settings.failures.append(f"durability {name} {system}: {brief(exc)}")
+                settings.log(f"durability {name:10s} {system:22s} FAILED: {exc}")
+                rows.append({"dataset": name, "system": system, "error": brief(exc)})
+                continue
+            settings.log(
+                f"durability {name:10s} {system:22s} "
+                f"{result['file_syncs_per_instance']:.2f} file, "
+                f"{result['folder_syncs_per_instance']:.2f} folder, "
+                f"{result['index_syncs_per_instance']:.2f} index syncs/inst, "
+                f"{result['sync_ms_per_instance']:.2f} ms/inst"
+            )
+            rows.append({"dataset": name, "system": system, **result})
+    return {"instances": DURABILITY_INSTANCES, "calls": list(durability.SYNC_CALLS), "rows": rows}
+
 
 def _ingest_rep(
     settings: Settings, ds: data.DataSet, conc: int, system: str, rep: int
@@ -300,6 +354,7 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
         "ratios": ratios,
         "ratio_meaning": "node median / peer median (>1: node faster, uses more RSS/CPU)",
         "skipped": skipped,
+        "durability": _durability(settings, systems),
     }
 
 

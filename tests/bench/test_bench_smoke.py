@@ -93,6 +93,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
     (ratio,) = ingest["ratios"]
     assert ratio["peer"] == "dcmtk-storescp-ignore"
     assert ratio["instances_per_s"] > 0 and ratio["peak_rss"] > 0
+    # the untimed traced run: the node syncs the file, its folder and the index per instance
+    # (strace is installed by scripts/bootstrap); storescp --ignore writes nothing to sync
+    durable = {r["system"]: r for r in ingest["durability"]["rows"]}
+    assert set(durable) == {"node", "dcmtk-storescp-ignore"}, ingest["durability"]
+    node = durable["node"]
+    assert node["instances"] == 8
+    for target in ("file", "folder", "index"):
+        assert node[f"{target}_syncs_per_instance"] >= 1, node
+    assert node["sync_ms_per_instance"] > 0
+    assert durable["dcmtk-storescp-ignore"]["syncs_per_instance"] == 0
+    assert "| data set | receiver | data file | folder | index |" in (out / "latest.md").read_text()
 
     e2e = doc["scenarios"]["e2e"]["result"]
     assert [r["system"] for r in e2e["rows"]] == ["node-stream", "direct"]
