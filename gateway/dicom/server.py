@@ -50,7 +50,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from gateway.config import DicomConfig, is_valid_ae_title
 from gateway.crypto.envelope import EnvelopeWriter
 from gateway.crypto.kek import DataKeyWrapper
-from gateway.dicom import spool_io
+from gateway.dicom import file_meta, spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedDIMSE, GuardedSocket, GuardedStateMachine
@@ -1010,6 +1010,7 @@ def configure_pynetdicom(incoming_dir: Path, *, spool: Spool | None = None) -> N
     incoming_dir.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(incoming_dir)
     dimse_messages.NamedTemporaryFile = _ReceiveBuffer  # type: ignore[attr-defined,assignment]
+    file_meta.install()  # each receive buffer's File Meta: pydicom's bytes, cached in parts
     # what AE.associate makes: an outgoing association whose threads cannot hang starting
     pynetdicom_ae.Association = BoundedRequestor  # type: ignore[attr-defined]
     _receive_kek = spool.keyring.current if spool is not None and spool.keyring else None
