@@ -41,13 +41,16 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from gateway.dicom import commands
 from gateway.dicom.reactor import WakingDUL, WakingQueue, with_memory
 
 log = logging.getLogger(__name__)
@@ -208,6 +211,26 @@ class GuardedDIMSE(DIMSEServiceProvider):
         # discarded: it ran out of memory (FAULTS F18) and is answered once its last
         # fragment is in
         self._draining: tuple[int, Any] | None = None
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """A C-STORE response from :func:`gateway.dicom.commands.store_response` (pydicom's
+        bytes, not built and encoded twice) when it fits one PDU and nothing listens for
+        EVT_DIMSE_SENT (that event carries pynetdicom's message object); anything else as
+        pynetdicom sends it."""
+        encoded = None
+        if (
+            isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        ):
+            encoded = commands.store_response(primitive)
+        limit = self.maximum_pdu_size
+        if encoded is None or (limit and len(encoded) > limit - 6):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()  # the last (only) command fragment: control header xxxxxx11
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        self.dul.send_pdu(pdata)
 
     def receive_primitive(self, primitive: Any) -> None:
         if self._draining is not None:
