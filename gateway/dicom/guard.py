@@ -35,7 +35,6 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -48,10 +47,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket
 
 from gateway.dicom import commands
-from gateway.dicom.reactor import WakingDUL, WakingQueue, with_memory
+from gateway.dicom.reactor import WaitingSocket, WakingDUL, WakingQueue, with_memory
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +68,10 @@ def _abort_bytes() -> bytes:
     return bytes(pdu.encode())
 
 
-class GuardedSocket(AssociationSocket):
-    """An :class:`AssociationSocket` that refuses oversized or slow PDUs; the socket of the
-    node's acceptor associations, whose DUL is a :class:`~gateway.dicom.reactor.WakingDUL`."""
+class GuardedSocket(WaitingSocket):
+    """A :class:`~gateway.dicom.reactor.WaitingSocket` that refuses oversized or slow PDUs;
+    the socket of the node's acceptor associations, whose DUL is a
+    :class:`~gateway.dicom.reactor.WakingDUL`."""
 
     def __init__(
         self,
@@ -95,21 +94,13 @@ class GuardedSocket(AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        """Whether a PDU can be read. pynetdicom's DUL asks this whenever it has no primitive
-        to send; when nothing at all is queued for it, this is where it waits (for the
-        peer's bytes, or a wake-up of :class:`~gateway.dicom.reactor.WakingDUL`), instead of
-        pynetdicom's 1 ms polling."""
-        dul = cast(WakingDUL, self.assoc.dul)  # the node's acceptor associations' DUL
-        sock = self.socket
+        """Whether a PDU can be read; waits as :class:`WaitingSocket` does."""
         # After a violation nothing more is read: the rest is the same peer's garbage, and
         # reading it would audit the same connection again for every 6 bytes of it.
-        if self._violated or sock is None or not self._is_connected:
-            dul.wait_if_idle(None)
+        if self._violated:
+            cast(WakingDUL, self.assoc.dul).wait_if_idle(None)
             return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True  # TLS has decrypted bytes that select() cannot see
-        dul.wait_if_idle(sock)
-        return bool(super().ready)
+        return super().ready
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._violated:

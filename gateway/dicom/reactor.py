@@ -1,4 +1,4 @@
-"""Event-driven reactors for the node's acceptor associations (pynetdicom 3.0.4, pinned).
+"""Event-driven reactors for the node's associations (pynetdicom 3.0.4, pinned).
 
 pynetdicom runs two threads per association that poll: the DUL thread (PS3.8 9.2, the
 upper-layer state machine) sleeps 1 ms whenever a loop found nothing to do, and the
@@ -12,18 +12,24 @@ Here both threads wait for what they wait for instead:
 * :class:`WakingDUL` waits in ``select()`` on the association's socket and a wake-up pipe;
   every primitive or event queued for it from another thread (a C-STORE response, an abort,
   the node stopping) writes a byte to the pipe. The waiting itself is in
-  :meth:`gateway.dicom.guard.GuardedSocket.ready`, which pynetdicom's loop calls when it has
-  no primitive to send; it waits only when nothing is queued.
+  :meth:`WaitingSocket.ready` (the acceptors' :class:`gateway.dicom.guard.GuardedSocket` is
+  one), which pynetdicom's loop calls when it has no primitive to send; it waits only when
+  nothing is queued.
 * :func:`run_acceptor_reactor` is pynetdicom's ``Association._run_reactor`` with its 1 ms
   sleep replaced by a wait on an event set when a DIMSE message is complete, when the DUL
   hands up an A-RELEASE/A-ABORT, and when the DUL thread ends.
 
 Both waits are bounded by :data:`IDLE_WAIT`, so the timers they check (ARTIM, the network
 idle timeout) keep a resolution of 50 ms, as does a stop that sets a flag.
+
+The node's acceptors (:mod:`gateway.dicom.server`) and its outgoing associations
+(:class:`BoundedRequestor`: deliveries, C-MOVE and C-GET sub-operations, upstream queries)
+both run this way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -38,6 +44,7 @@ from typing import Any, TypeVar, cast
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +111,18 @@ class BoundedRequestor(Association, metaclass=_AnyAssociation):
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
         bound_start(self)
-        bound_start(self.dul)
+        # event-driven as the acceptors are: the DUL waits in select() (on the socket that
+        # AE.associate makes, a WaitingSocket) and the reactor on its activity event,
+        # which a DIMSE message set too (a C-GET's C-STORE sub-operations come that way)
+        self.gateway_activity = threading.Event()
+        self.dul = WakingDUL(self, activity=self.gateway_activity)
+        self.dimse.msg_queue = WakingQueue(self.gateway_activity.set)
+        self.acse_timeout = self.acse_timeout  # the timers of the DUL it replaced
+        self.network_timeout = self.network_timeout
         self._dul_ready = _StartedOrDead()  # set by the DUL thread as it begins
+
+    def _run_reactor(self) -> None:
+        run_acceptor_reactor(self)
 
     def start(self) -> None:
         try:
@@ -144,6 +161,73 @@ class WakingQueue(queue.Queue[Any]):
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
         self._on_put()
+
+
+class WaitingSocket(AssociationSocket):
+    """pynetdicom's association socket, waiting for something to do in :meth:`ready`.
+
+    pynetdicom's DUL asks ``ready`` whenever it has no primitive to send; with a
+    :class:`WakingDUL`, when nothing at all is queued for it, this is where it waits (for
+    the peer's bytes or a wake-up), instead of pynetdicom's 1 ms polling. The socket of the
+    node's outgoing associations (``AE.associate``, installed by
+    :func:`gateway.dicom.server.configure_pynetdicom`) and the base of the acceptors'
+    :class:`gateway.dicom.guard.GuardedSocket`.
+
+    A TLS client's socket also turns readable with records that carry no PDU bytes (TLS 1.3
+    session tickets, sent by the server right after the handshake): pynetdicom would then
+    block in ``recv`` for a PDU, with the A-ASSOCIATE-RQ still unsent, until a timeout.
+    Here such a socket is read without blocking when it turns readable; what arrives is kept
+    for :meth:`recv`, and a record with no bytes for us leaves it not ready."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stash = bytearray()  # PDU bytes read by ready(), given out first by recv()
+
+    @property
+    def ready(self) -> bool:
+        if self._stash:
+            return True
+        dul = self.assoc.dul
+        if not isinstance(dul, WakingDUL):
+            return bool(super().ready)
+        sock = self.socket
+        if sock is None or not self._is_connected:
+            dul.wait_if_idle(None)
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # TLS has decrypted bytes that select() cannot see
+        dul.wait_if_idle(sock)
+        if not super().ready:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and not sock.server_side:
+            return self._read_ahead(sock)
+        return True
+
+    def _read_ahead(self, sock: ssl.SSLSocket) -> bool:
+        """Whether the readable TLS client socket brought PDU bytes (kept in the stash), or
+        an end or error that ``recv`` will meet; False for records with nothing for us."""
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            data = sock.recv(65536)
+        except ssl.SSLWantReadError:
+            return False  # a session ticket or other record without application data
+        except OSError:
+            return True  # the read that follows meets it (Evt17)
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(timeout)
+        self._stash += data  # b"": the peer closed, and recv() returns short
+        return True
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self._stash:
+            return super().recv(nr_bytes)
+        data = self._stash[:nr_bytes]
+        del self._stash[:nr_bytes]
+        if len(data) < nr_bytes:
+            data += super().recv(nr_bytes - len(data))
+        return data
 
 
 class WakingDUL(DULServiceProvider):
@@ -221,8 +305,11 @@ class WakingDUL(DULServiceProvider):
         sock = getattr(self.socket, "socket", None)
         if sock is None:
             return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
+        if isinstance(sock, ssl.SSLSocket):
+            if sock.pending():
+                return True
+            if not sock.server_side:  # readable may be a record without PDU bytes
+                return bool(getattr(self.socket, "_stash", b""))
         try:
             readable, _, _ = select.select([sock], [], [], 0)
         except (OSError, ValueError):  # closed under us: the loop finds out
@@ -306,15 +393,20 @@ class WakingDUL(DULServiceProvider):
 
 
 def run_acceptor_reactor(assoc: Any) -> None:
-    """pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor), waiting on
-    ``assoc.dul.activity`` instead of sleeping 1 ms per loop; otherwise the same steps in
-    the same order: serve a complete DIMSE message, answer a release, end on an abort, on
-    the DUL thread's end and on the network idle timeout."""
+    """pynetdicom 3.0.4's ``Association._run_reactor`` (the loop of acceptors and
+    requestors alike), waiting on ``assoc.dul.activity`` instead of sleeping 1 ms per loop;
+    otherwise the same steps in the same order: serve a complete DIMSE message, answer a
+    release, end on an abort, on the DUL thread's end and on the network idle timeout."""
     dul: WakingDUL = assoc.dul
     activity = dul.activity
     assoc._is_paused = False
     while not assoc._kill:
         if assoc.dimse.msg_queue.empty():
+            # parked: it takes no message while it waits, so a send_* method on this
+            # association (a requestor's send_c_store, a C-GET's sub-operations) need not
+            # wait for it to reach the checkpoint below; it does not leave the checkpoint
+            # before the sender sets it again
+            assoc._is_paused = True
             activity.wait(IDLE_WAIT)
         activity.clear()  # before looking: a put after this sets it again
 

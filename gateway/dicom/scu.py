@@ -72,17 +72,21 @@ class _ProviderQueue(queue.Queue[Any]):
     sender faster than the socket holds the whole data set in memory (a 100 MB instance:
     100 MB). Bounded, the sending thread waits for the DUL thread instead. The DUL thread
     itself never puts into this queue; if it has stopped (the connection is gone) a put gives
-    up rather than wait forever, and the association is already lost.
+    up rather than wait forever, and the association is already lost. Each put wakes the
+    DUL thread, as the queue it replaces did.
     """
 
     def __init__(self, dul: Any, maxsize: int) -> None:
         super().__init__(maxsize)
         self._dul = dul
+        # a WakingDUL (the node's associations) waits in select() until it is woken
+        self._wake: Callable[[], None] = getattr(dul, "wake", lambda: None)
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         while True:
             try:
                 super().put(item, timeout=0.5)
+                self._wake()
                 return
             except queue.Full:
                 if not self._dul.is_alive() or getattr(self._dul, "_kill_thread", False):

@@ -56,6 +56,7 @@ from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedDIMSE, GuardedSocket, GuardedStateMachine
 from gateway.dicom.reactor import (
     BoundedRequestor,
+    WaitingSocket,
     WakingDUL,
     bound_start,
     run_acceptor_reactor,
@@ -1013,6 +1014,7 @@ def configure_pynetdicom(incoming_dir: Path, *, spool: Spool | None = None) -> N
     file_meta.install()  # each receive buffer's File Meta: pydicom's bytes, cached in parts
     # what AE.associate makes: an outgoing association whose threads cannot hang starting
     pynetdicom_ae.Association = BoundedRequestor  # type: ignore[attr-defined]
+    pynetdicom_ae.AssociationSocket = WaitingSocket  # type: ignore[attr-defined]
     _receive_kek = spool.keyring.current if spool is not None and spool.keyring else None
     spool_io.install(spool)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
