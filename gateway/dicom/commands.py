@@ -5,11 +5,12 @@ assignment validated), encodes it once to learn the group length and once more t
 ~0.5 ms per received instance on the association's reactor thread, between the handler's
 status and the response on the wire. Implicit VR Little Endian (PS3.7 6.3.1) encodes each
 element on its own, so the command set is the concatenation, in tag order, of its elements'
-encodings; :func:`store_response` takes each from pydicom (``pynetdicom.dsutils.encode`` of a
-data set holding that element alone), keeps those whose values repeat (the SOP Class, the
-command field, the data set type, the status, the message ID) and encodes only the SOP
-Instance UID anew; the group length's value is the length of the rest, as pynetdicom's
-``_set_command_group_length`` computes it. The tests compare it with pynetdicom's bytes.
+encodings; :func:`store_response` takes each from pydicom
+(:func:`gateway.dicom.element_encoding.encode_elements` of that element alone), keeps those
+whose values repeat (the SOP Class, the command field, the data set type, the status, the
+message ID) and encodes only the SOP Instance UID anew; the group length's value is the
+length of the rest, as pynetdicom's ``_set_command_group_length`` computes it. The tests
+compare it with pynetdicom's bytes.
 
 Only a response with the four values the node's C-STORE handler gives (no Offending Element,
 no Error Comment) takes this path; anything else is pynetdicom's.
@@ -20,9 +21,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode
+
+from gateway.dicom.element_encoding import encode_elements
 
 _OPTIONAL = ("OffendingElement", "ErrorComment")
 C_STORE_RSP = 0x8001  # CommandField (PS3.7 E.1-1)
@@ -31,12 +32,7 @@ NO_DATA_SET = 0x0101  # CommandDataSetType: no data set follows
 
 def _element(keyword: str, value: Any) -> bytes:
     """pydicom's Implicit VR Little Endian encoding of one command element."""
-    ds = Dataset()
-    setattr(ds, keyword, value)
-    encoded = encode(ds, True, True)
-    if encoded is None:  # pynetdicom's encode returns None when pydicom raised
-        raise ValueError(f"{keyword} does not encode")
-    return encoded
+    return encode_elements({keyword: value}, implicit_vr=True)
 
 
 _repeated = functools.lru_cache(maxsize=4096)(_element)
@@ -67,5 +63,5 @@ def store_response(primitive: C_STORE) -> bytes | None:
             )
         )
         return _repeated("CommandGroupLength", len(rest)) + rest
-    except (ValueError, TypeError):  # let pynetdicom's own path answer as it would
+    except Exception:  # noqa: BLE001 - pydicom refused a value: pynetdicom's path answers
         return None

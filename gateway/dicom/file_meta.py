@@ -22,8 +22,7 @@ import functools
 from typing import Any, BinaryIO, NamedTuple
 
 from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
@@ -32,17 +31,12 @@ from pynetdicom import (
 )
 from pynetdicom.dsutils import create_file_meta
 
+from gateway.dicom.element_encoding import encode_elements
+
 
 def _write(**elements: Any) -> bytes:
     """pydicom's Explicit VR Little Endian encoding of File Meta ``elements``, in order."""
-    meta = FileMetaDataset()
-    for keyword, value in elements.items():
-        setattr(meta, keyword, value)
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
-    write_dataset(buffer, meta)
-    return buffer.getvalue()
+    return encode_elements(elements, implicit_vr=False, meta=True)
 
 
 @functools.lru_cache(maxsize=64)
