@@ -197,8 +197,27 @@ class WaitingSocket(AssociationSocket):
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # TLS has decrypted bytes that select() cannot see
         dul.wait_if_idle(sock)
-        if not super().ready:
+        return bool(super().ready) and self._brings_bytes(sock)
+
+    def waiting(self) -> bool:
+        """Whether PDU bytes can be read now, found without waiting (and without queuing an
+        event when the socket has closed: the DUL's loop finds that out)."""
+        if self._stash:
+            return True
+        sock = self.socket
+        if sock is None or not self._is_connected:
             return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable) and self._brings_bytes(sock)
+
+    def _brings_bytes(self, sock: Any) -> bool:
+        """For a readable socket: True, except for a TLS client's whose records held no PDU
+        bytes (what they held is read ahead into the stash)."""
         if isinstance(sock, ssl.SSLSocket) and not sock.server_side:
             return self._read_ahead(sock)
         return True
@@ -302,19 +321,8 @@ class WakingDUL(DULServiceProvider):
         return self._sent_last
 
     def _peer_waiting(self) -> bool:
-        sock = getattr(self.socket, "socket", None)
-        if sock is None:
-            return False
-        if isinstance(sock, ssl.SSLSocket):
-            if sock.pending():
-                return True
-            if not sock.server_side:  # readable may be a record without PDU bytes
-                return bool(getattr(self.socket, "_stash", b""))
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):  # closed under us: the loop finds out
-            return False
-        return bool(readable)
+        sock = self.socket
+        return isinstance(sock, WaitingSocket) and sock.waiting()
 
     def _read_pdu_data(self) -> None:
         """pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data``: the same event for each
