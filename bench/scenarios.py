@@ -8,6 +8,7 @@ system and configuration, each with its ``runs`` and a median/min/max ``summary`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -17,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,9 +181,12 @@ def _ratio(a: float, b: float) -> float | None:
 # --------------------------------------------------------------------------- 1. ingest
 
 
-def _ingest_once(
-    settings: Settings, system: str, ds: data.DataSet, concurrency: int, label: str
-) -> dict[str, float]:
+@contextlib.contextmanager
+def _receiving(
+    settings: Settings, system: str, concurrency: int, label: str
+) -> Iterator[tuple[Receiver, Path]]:
+    """Ingest receiver ``system`` started in a fresh folder and idle; stopped afterwards, its
+    folder removed when the measurement succeeded."""
     root = settings.fresh_dir(label)
     receiver: Receiver = INGEST_SYSTEMS[system](root, concurrency)
     if isinstance(receiver, NodeReceiver):
@@ -190,6 +194,22 @@ def _ingest_once(
     receiver.start()
     try:
         wait_idle(receiver.pid)
+        yield receiver, root
+    finally:
+        receiver.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_stored(receiver: Receiver, system: str, instances: int) -> None:
+    stored = receiver.stored()
+    if stored is not None and stored < instances:
+        raise RunFailed(f"{system} holds {stored} of {instances} instances")
+
+
+def _ingest_once(
+    settings: Settings, system: str, ds: data.DataSet, concurrency: int, label: str
+) -> dict[str, float]:
+    with _receiving(settings, system, concurrency, label) as (receiver, root):
         monitor = TreeMonitor(receiver.pid).start()
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
@@ -200,12 +220,7 @@ def _ingest_once(
         seconds = time.perf_counter() - t0
         usage = monitor.stop()
         check_sender(codes, root / "storescu.log")
-        stored = receiver.stored()
-        if stored is not None and stored < ds.instances:
-            raise RunFailed(f"{system} holds {stored} of {ds.instances} instances")
-    finally:
-        receiver.stop()
-    shutil.rmtree(root, ignore_errors=True)
+        _check_stored(receiver, system, ds.instances)
     return {
         "seconds": seconds,
         "load_1min": load,
@@ -227,11 +242,7 @@ def _durability_once(settings: Settings, system: str, ds: data.DataSet) -> dict[
     """``system``'s sync calls per instance while it receives the data set's first
     :data:`DURABILITY_INSTANCES` over one association (untimed, under strace)."""
     files = ds.files[:DURABILITY_INSTANCES]
-    root = settings.fresh_dir(f"durability-{ds.name}-{system}")
-    receiver: Receiver = INGEST_SYSTEMS[system](root, 1)
-    receiver.start()
-    try:
-        wait_idle(receiver.pid)
+    with _receiving(settings, system, 1, f"durability-{ds.name}-{system}") as (receiver, root):
 
         def send() -> None:
             procs = start_storescu(
@@ -240,12 +251,7 @@ def _durability_once(settings: Settings, system: str, ds: data.DataSet) -> dict[
             check_sender(wait_storescu(procs, settings.timeout), root / "storescu.log")
 
         calls = durability.trace_syncs(receiver.pid, root / "strace.log", send)
-        stored = receiver.stored()
-        if stored is not None and stored < len(files):
-            raise RunFailed(f"{system} holds {stored} of {len(files)} instances")
-    finally:
-        receiver.stop()
-    shutil.rmtree(root, ignore_errors=True)
+        _check_stored(receiver, system, len(files))
     return {"instances": float(len(files)), **durability.per_instance(calls, len(files))}
 
 
