@@ -88,9 +88,12 @@ class Report:
     method_codes: list[str] = field(default_factory=list)
     longitudinal_temporal_information: str = "REMOVED"
     pixels: dict[str, Any] | None = None  # Clean Pixel Data, when the profile has it
+    transfer_syntax_uid: str = ""  # of the encoded output (deidentify_bytes sets it)
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {} if self.pixels is None else {"pixels": self.pixels}
+        extra: dict[str, Any] = {} if self.pixels is None else {"pixels": self.pixels}
+        if self.transfer_syntax_uid:
+            extra["transfer_syntax_uid"] = self.transfer_syntax_uid
         return {
             **extra,
             "profile": self.profile,

@@ -63,6 +63,7 @@ def deidentify_bytes(
     hits = leak_check(original, encoded, profile=profile)
     if hits:
         raise LeakError(hits)
+    report.transfer_syntax_uid = str(out.file_meta.TransferSyntaxUID)
     return encoded, str(out.SOPInstanceUID), report
 
 

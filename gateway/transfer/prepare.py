@@ -14,12 +14,9 @@ prepared file is never plaintext on disk either.
 
 from __future__ import annotations
 
-import io
 import logging
 import shutil
 from pathlib import Path
-
-from pydicom import dcmread
 
 from gateway.config import GatewayConfig
 from gateway.deid import ProjectKey, deidentify_bytes, generate_secret_file, load_profile
@@ -97,11 +94,10 @@ class DeidStep:
             out_dir.mkdir(parents=True, exist_ok=True)
             with self.spool.open_path(item.path) as src:
                 data = src.read()
-            encoded, uid, _report = deidentify_bytes(data, profile, self.key())
+            encoded, uid, report = deidentify_bytes(data, profile, self.key())
             del data
             target = out_dir / f"{uid}.dcm"
             self.spool.write_file(target, encoded)
-            meta = dcmread(io.BytesIO(encoded), stop_before_pixels=True).file_meta
             summary = self._summaries.setdefault(
                 delivery.delivery_id,
                 {
@@ -123,7 +119,7 @@ class DeidStep:
         return OutgoingFile(
             sop_class_uid=item.sop_class_uid,
             sop_instance_uid=uid,
-            transfer_syntax_uid=str(meta.TransferSyntaxUID),
+            transfer_syntax_uid=report.transfer_syntax_uid,
             path=target,
         )
 

@@ -56,3 +56,17 @@ def test_encode_refuses_what_save_as_refuses(key, basic) -> None:
     out._dict[DataElement(0x00020010, "UI", "1.2").tag] = DataElement(0x00020010, "UI", "1.2")
     with pytest.raises(ValueError, match="File Meta Information Group"):
         encode(out)
+
+
+def test_report_names_the_outputs_transfer_syntax(key, basic) -> None:
+    """The delivery worker sends the output as report.transfer_syntax_uid (not re-read)."""
+    from pydicom.data import get_testdata_file
+
+    from gateway.deid import deidentify_bytes
+
+    for name in ("CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm"):
+        data, _uid, report = deidentify_bytes(
+            open(get_testdata_file(name), "rb").read(), basic, key
+        )
+        assert report.transfer_syntax_uid == dcmread(BytesIO(data)).file_meta.TransferSyntaxUID
+        assert report.to_dict()["transfer_syntax_uid"] == report.transfer_syntax_uid

@@ -70,6 +70,7 @@ def test_variant_cleaned_and_reencoded(name: str, matrix_profile, key: ProjectKe
     assert out.get("BurnedInAnnotation") == original.get("BurnedInAnnotation")
     assert "113101" not in [str(i.CodeValue) for i in out.DeidentificationMethodCodeSequence]
     assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert report.transfer_syntax_uid == ExplicitVRLittleEndian  # what the worker sends as
     assert out.PhotometricInterpretation == photometric
     assert out.PhotometricInterpretation not in ("YBR_FULL_422", "YBR_RCT", "YBR_ICT")
     got, _ = pixels.decode(out, pixels.check_geometry(out, max_pixel_bytes=1 << 30))
@@ -94,9 +95,10 @@ def test_rle_output(name: str, tmp_path: Path, key: ProjectKey) -> None:
     """RLE Lossless output (encode = "rle"); rows below every shipped band are untouched."""
     prof = profile_with(tmp_path, ocr='"off"', encode='"rle"')
     path = Path(get_testdata_file(name))
-    data, _, _ = deidentify_bytes(path.read_bytes(), prof, key)
+    data, _, report = deidentify_bytes(path.read_bytes(), prof, key)
     out = pydicom.dcmread(BytesIO(data))
     assert out.file_meta.TransferSyntaxUID == RLELossless
+    assert report.transfer_syntax_uid == RLELossless
     want = pydicom.dcmread(path).pixel_array
     got = out.pixel_array.reshape(want.shape)
     rows = (
