@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import traceback
 from datetime import UTC, datetime
@@ -41,12 +42,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=True)
 
 
+# a quoted value in a library's message: pydicom and pynetdicom quote the values they complain of
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+_LIBRARIES = ("pydicom", "pynetdicom", "py.warnings")
+
+
+class RedactLibraryValues(logging.Filter):
+    """Replaces quoted values in records of pydicom, pynetdicom and Python warnings (where
+    :func:`configure` sends ``warnings.warn``) with ``'<value>'``: the libraries' own messages
+    quote a data set's values, the node's never do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if any(name == lib or name.startswith(lib + ".") for lib in _LIBRARIES):
+            record.msg = _QUOTED.sub("'<value>'", record.getMessage())
+            record.args = None
+        return True
+
+
 def configure(level: str = "INFO") -> None:
+    import pydicom  # noqa: F401 - its import sets the "pydicom" logger's level; set ours after
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactLibraryValues())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # warnings.warn (pydicom warns as well as logs) would print to stderr past the formatter
+    logging.captureWarnings(True)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -158,3 +158,34 @@ def test_logs_and_metrics_carry_no_patient_data(tmp_path: Path, scp_factory: Any
             assert uid not in text
     assert 'gateway_instances_received_total{called_ae="GATEWAY",outcome="stored"} 3.0' in metrics
     assert 'gateway_instances_forwarded_total{destination="dest",outcome="sent"} 3.0' in metrics
+
+
+def test_values_pydicom_finds_invalid_stay_out_of_the_logs(
+    tmp_path: Path, scp_factory: Any
+) -> None:
+    """pydicom quotes a value it finds invalid in its warning ("Invalid value for VR DA:
+    '1947-03-15'"); received, indexed, de-identified and forwarded, such values never reach
+    the node's log."""
+    scp = scp_factory(0x0000)
+    planted = {
+        "PatientBirthDate": "1947-03-15",  # DA written with dashes
+        "PatientSex": "janet",  # CS in lower case
+        "FrameOfReferenceUID": "1.2.0377.4",  # a UID component with a leading zero
+        "OperatorsName": "Doe^Janet^^^^^extra",  # PN with too many components
+    }
+    files = make_ct_study(tmp_path / "s", 2, **planted)
+    node = GatewayNode(
+        tmp_path / "node",
+        destinations=[scp.destination("dest")],
+        routes=[
+            {"name": "all", "destinations": ["dest"], "profile": "basic", "quiet_seconds": 0.3}
+        ],
+        worker={"max_attempts": 3, "backoff_initial": 0.3, "backoff_max": 1},
+    )
+    with node:
+        storescu(node, files)
+        node.wait_for_deliveries("delivered", 1, timeout=30)
+        log = node.log_path.read_text()
+    assert len(scp.received) == 2
+    for value in (*planted.values(), "Janet", "0377"):
+        assert value not in log
