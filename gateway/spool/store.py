@@ -217,8 +217,11 @@ class Spool:
             raise SpoolError(f"spool write failed: {exc.strerror}") from exc
         return SpooledObject(key=key, path=final, size=size, sha256=sha256)
 
-    def write_file(self, target: Path, data: bytes) -> None:
-        """Write ``data`` to ``target`` (inside the spool) encrypted, atomically, durably."""
+    def write_file(self, target: Path, data: bytes, *, durable: bool = True) -> None:
+        """Write ``data`` to ``target`` (inside the spool) encrypted and atomically; with
+        ``durable`` fsynced, file and folder. ``durable=False`` is for files no restart reads
+        (those prepared per delivery attempt under ``outgoing/``, removed at start): a crash
+        loses nothing there, and two fsyncs an instance were most of the write."""
         self.ensure_healthy()
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".write-", suffix=".part")
         try:
@@ -229,11 +232,14 @@ class Spool:
                     with EnvelopeWriter(f, self.keyring.current) as writer:
                         writer.write(data)
                 f.flush()
-                self._fsync(f.fileno(), "fsync of a spool file")
+                if durable:
+                    self._fsync(f.fileno(), "fsync of a spool file")
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if not durable:
+            return
         try:
             self._fsync_dir(target.parent)
         except SpoolError:

@@ -97,7 +97,8 @@ class DeidStep:
             encoded, uid, report = deidentify_bytes(data, profile, self.key())
             del data
             target = out_dir / f"{uid}.dcm"
-            self.spool.write_file(target, encoded)
+            # prepared afresh by every attempt and removed at start: no fsync needed
+            self.spool.write_file(target, encoded, durable=False)
             summary = self._summaries.setdefault(
                 delivery.delivery_id,
                 {

@@ -95,3 +95,25 @@ def test_write_file_is_an_envelope(tmp_path: Path) -> None:
     with spool.open_path(target) as f:
         assert f.read() == b"DICM" * 100
     read_header(io.BytesIO(target.read_bytes()))
+
+
+@pytest.mark.parametrize("durable, syncs", [(True, 2), (False, 0)])
+def test_write_file_fsyncs_only_when_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, syncs: int
+) -> None:
+    """Prepared delivery files (durable=False: removed at start, never read after a crash)
+    skip the file and folder fsyncs; they are still encrypted and written atomically."""
+    state = tmp_path / "state"
+    node_keys.init_node_keys(state, hybrid=False)
+    spool = Spool(tmp_path / "spool", keyring=node_keys.load_keyring(state))
+    target = spool.root / "outgoing" / "x.dcm"
+    target.parent.mkdir(parents=True)
+    calls: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd))[1])
+    spool.write_file(target, b"DICM" * 100, durable=durable)
+    assert len(calls) == syncs
+    assert b"DICM" not in target.read_bytes()
+    with spool.open_path(target) as f:
+        assert f.read() == b"DICM" * 100
+    assert [p.name for p in target.parent.iterdir()] == ["x.dcm"]  # no temporary left
