@@ -9,10 +9,11 @@ or recipe loading, before the clock starts), peak_rss_mib and written (files in 
 
 Tools, each at its defaults:
 
-* ``node-basic-file``: :func:`gateway.deid.deidentify_file` with ``basic``, the delivery
-  worker's path (leak gate on the encoded output, then an atomic write with fsync);
+* ``node-basic-file``: :func:`gateway.deid.deidentify_file` with ``basic``, the path of
+  ``dicom-gateway deid`` (leak gate on the encoded output, then an atomic write with fsync);
 * ``node-basic-gate``: :func:`gateway.deid.deidentify_bytes` (leak gate) and a plain write
-  (no fsync, as the peers write);
+  (no fsync, as the peers write): the delivery worker's path, which writes its prepared
+  file without fsync too (encrypted, in ``spool/outgoing/``);
 * ``node-basic-nogate``: ``dcmread`` + :func:`gateway.deid.deidentify` + ``save_as``;
 * ``dicognito``: ``dicognito.anonymizer.Anonymizer()`` (one per run, as its CLI does), then
   ``save_as`` named by the new SOP Instance UID;

@@ -726,9 +726,9 @@ def run_deid(settings: Settings) -> dict[str, Any]:
         ),
         "tools": {
             "node-basic-file": "gateway.deid.deidentify_file, profile basic (leak gate, "
-            "atomic write with fsync: the delivery worker's path)",
+            "atomic write with fsync: the path of dicom-gateway deid)",
             "node-basic-gate": "gateway.deid.deidentify_bytes, profile basic (leak gate), "
-            "plain write without fsync",
+            "plain write without fsync: the delivery worker's path (it also encrypts)",
             "node-basic-nogate": "dcmread + gateway.deid.deidentify (basic) + save_as, "
             "no leak gate",
             "dicognito": "dicognito.anonymizer.Anonymizer() defaults, dcmread + anonymize + "
