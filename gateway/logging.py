@@ -10,9 +10,11 @@ import json
 import logging
 import re
 import sys
+import threading
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -71,6 +73,27 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     # warnings.warn (pydicom warns as well as logs) would print to stderr past the formatter
     logging.captureWarnings(True)
+    # so would an uncaught exception, message and all (a library's may quote a value): it is
+    # logged as any other, by its type and where it was raised
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _log_uncaught(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    logging.getLogger("gateway.uncaught").error("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as threading's own hook: a thread's sys.exit() is no error
+    thread = args.thread.name if args.thread is not None else ""
+    logging.getLogger("gateway.uncaught").error(
+        "uncaught exception in a thread",
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+        extra={"thread_name": thread},
+    )

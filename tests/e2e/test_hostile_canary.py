@@ -526,5 +526,6 @@ def test_attack_cases_answered_while_tls_canary_never_fails(node: GatewayNode, p
     assert stats.attempts >= 50, stats.attempts
     assert not stats.failures, stats.failures
     assert growth_kib < 64 * 1024, (before, during, after)
-    assert "Exception in thread" not in node.log(2000)
+    log = node.log(2000)
+    assert "Exception in thread" not in log and "gateway.uncaught" not in log
     assert node.proc is not None and node.proc.poll() is None

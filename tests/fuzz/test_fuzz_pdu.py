@@ -108,7 +108,9 @@ def exchange(node: GatewayNode, data: bytes, *, associated: bool) -> None:
     with node.log_path.open("rb") as log:
         log.seek(log_before)
         new = log.read().decode(errors="replace")
+    # an uncaught exception is logged by gateway.logging's hooks as gateway.uncaught
     assert "Exception in thread" not in new and "Traceback" not in new, new
+    assert '"logger": "gateway.uncaught"' not in new, new
     assert node.proc is not None and node.proc.poll() is None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -13,6 +15,7 @@ from pydicom import config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from gateway import logging as node_log
 from gateway.logging import configure
 
 
@@ -22,6 +25,8 @@ def node_logging() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     saved = root.handlers[:], root.level, logging.getLogger("pydicom").level
     configure()
+    assert sys.excepthook is node_log._log_uncaught
+    assert threading.excepthook is node_log._log_uncaught_in_thread
     out = io.StringIO()
     (handler,) = root.handlers
     assert isinstance(handler, logging.StreamHandler)
@@ -31,6 +36,7 @@ def node_logging() -> Iterator[io.StringIO]:
             warnings.simplefilter("always")  # not once per place: every warning is checked
             yield out
     finally:
+        sys.excepthook, threading.excepthook = sys.__excepthook__, threading.__excepthook__
         logging.captureWarnings(False)
         root.handlers[:], root.level = saved[0], saved[1]
         logging.getLogger("pydicom").setLevel(saved[2])
@@ -59,3 +65,33 @@ def test_library_warnings_are_logged_with_their_values_redacted(node_logging) ->
     assert "Invalid value for VR DA: '<value>'" in by_logger["py.warnings"]
     assert by_logger["pynetdicom.acse"] == "peer sent '<value>'"
     assert by_logger["gateway.test"] == "the node's own message 'kept'"
+
+
+def test_uncaught_exceptions_are_logged_by_type_not_message(node_logging) -> None:
+    def fail() -> None:
+        raise ValueError("Invalid value for PatientName: Doe^Janet")
+
+    # pytest puts its own thread hook in place while a test runs: the node's (installed by
+    # configure, checked in the fixture) is put back for this thread
+    saved = threading.excepthook
+    threading.excepthook = node_log._log_uncaught_in_thread
+    try:
+        t = threading.Thread(target=fail, name="receiver-7")
+        t.start()
+        t.join()
+    finally:
+        threading.excepthook = saved
+    try:
+        raise KeyError("MRN7781234")
+    except KeyError:
+        sys.excepthook(*sys.exc_info())  # what the interpreter calls for an uncaught one
+    err = node_logging.getvalue()
+    assert "Janet" not in err and "MRN7781234" not in err
+    records = [json.loads(line) for line in err.splitlines()]
+    assert [(r["error"], r.get("thread_name")) for r in records] == [
+        ("ValueError", "receiver-7"),
+        ("KeyError", None),
+    ]
+    assert all(
+        r["level"] == "error" and "test_library_log_redaction.py" in r["at"] for r in records
+    )
