@@ -63,8 +63,7 @@ class RedactLibraryValues(logging.Filter):
 
 
 def configure(level: str = "INFO") -> None:
-    import pydicom  # noqa: F401 - its import sets the "pydicom" logger's level; set ours after
-
+    # pydicom's import sets its logger's level; the gateway package imported it already
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactLibraryValues())
@@ -94,6 +93,10 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     thread = args.thread.name if args.thread is not None else ""
     logging.getLogger("gateway.uncaught").error(
         "uncaught exception in a thread",
-        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+        exc_info=(
+            (args.exc_type, args.exc_value, args.exc_traceback)
+            if args.exc_value is not None
+            else False
+        ),
         extra={"thread_name": thread},
     )

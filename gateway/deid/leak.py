@@ -46,7 +46,7 @@ from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
 from pydicom.charset import decode_bytes, default_encoding
 from pydicom.datadict import dictionary_VR, keyword_dict
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
@@ -426,8 +426,6 @@ def _converted(ds: Dataset, tag: Any, encodings: list[str]) -> Any:
     except Exception:  # noqa: BLE001 - an undecodable element is searched as raw bytes
         if raw is None:
             return None
-        from pydicom.dataelem import DataElement
-
         return DataElement(tag, "UN", bytes(raw.value or b""))
 
 
