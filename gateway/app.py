@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
+import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from gateway import __version__
 from gateway.audit.chain import AuditRecord, append
@@ -13,6 +17,7 @@ from gateway.audit.export import AuditExporter, tls_connector
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig
 from gateway.crypto.keys import CURRENT_KEK, Keyring, init_node_keys, keys_dir, load_keyring
+from gateway.dicom import ledger
 from gateway.dicom.qr_scu import UpstreamClient
 from gateway.dicom.server import DicomServer
 from gateway.dicom.tls import listener_context
@@ -26,6 +31,7 @@ from gateway.peer.server import PeerServer
 from gateway.qr.federation import FederationClient
 from gateway.qr.responder import PeerQueryResponder
 from gateway.qr.service import QRService
+from gateway.receiver_process import ReceiverProcess, metrics_file
 from gateway.routing.router import Router
 from gateway.spool.store import Spool
 from gateway.transfer.destinations import Destination, build_destinations
@@ -40,10 +46,20 @@ log = logging.getLogger(__name__)
 class Node:
     """The node's parts. ``role`` "serve" is the node (listeners, ingest, router, metrics
     and, unless ``worker.separate_process``, the delivery worker); "worker" is the delivery
-    worker's own process (:mod:`gateway.worker_process`), started by :meth:`start_worker`."""
+    worker's own process (:mod:`gateway.worker_process`), started by :meth:`start_worker`;
+    "receiver" is one of the receiver processes (:mod:`gateway.receiver_process`), number
+    ``receiver_index``, on the listening sockets ``inherited`` from serve, started by
+    :meth:`start_receiver`, its streamed deliveries told to ``on_stream_delivery``."""
 
     def __init__(
-        self, cfg: GatewayConfig, *, clock: Clock | None = None, role: str = "serve"
+        self,
+        cfg: GatewayConfig,
+        *,
+        clock: Clock | None = None,
+        role: str = "serve",
+        receiver_index: int = 0,
+        inherited: list[socket.socket] | None = None,
+        on_stream_delivery: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock = clock or SystemClock()
@@ -112,7 +128,7 @@ class Node:
             spool=self.spool,
             clock=self.clock,
             metrics=self.metrics,
-            on_stream_delivery=self.worker.wakeup.set,
+            on_stream_delivery=on_stream_delivery or self.worker.wakeup.set,
         )
         self.spool.on_health = self.ingest.spool_health_changed
         for name in self.seal_step.targets:
@@ -120,6 +136,14 @@ class Node:
                 self.worker.capacity[name] = 2
         self.router = Router(cfg, db=self.db, clock=self.clock, metrics=self.metrics)
         self.query_retrieve = self._query_retrieve()
+        # several receiver processes: the limits counted across them (serve starts afresh)
+        self.ledger_dir = cfg.state_dir / ledger.LEDGER_DIR
+        connection_ledger: ledger.ConnectionLedger | None = None
+        if cfg.dicom.receiver_processes > 1 and role in ("serve", "receiver"):
+            if role == "serve":
+                ledger.reset(self.ledger_dir)
+            connection_ledger = ledger.ConnectionLedger(self.ledger_dir, receiver_index)
+        self.receivers: list[ReceiverProcess] = []
         self.server = DicomServer(
             cfg.dicom,
             self.ingest,
@@ -128,6 +152,8 @@ class Node:
             tls_context=listener_context(cfg),
             query_retrieve=self.query_retrieve,
             spool=self.spool,
+            ledger=connection_ledger,
+            inherited=inherited,
         )
         self.peer_server: PeerServer | None = None
         if cfg.peer.enabled and self.own_keys is not None:
@@ -209,11 +235,7 @@ class Node:
             )
         if self.cfg.metrics.enabled:
             self.metrics.serve(
-                self.cfg.metrics.host,
-                self.cfg.metrics.port,
-                relayed=self.cfg.state_dir / METRICS_FILE
-                if self.worker_process is not None
-                else None,
+                self.cfg.metrics.host, self.cfg.metrics.port, relayed=self._relayed_metrics()
             )
         if self.audit_exporter is not None:
             self.audit_exporter.start()
@@ -223,7 +245,9 @@ class Node:
         )
         if self.worker_process is not None:
             self.worker_process.start()  # ready to deliver before anything is received
-        self.server.start()
+        self.server.bind()
+        self._start_receivers()  # they accept once ready; serve once they all are
+        self.server.accept()
         if self.peer_server is not None:
             self.peer_server.start()
         if self.cfg.worker.enabled:
@@ -237,6 +261,38 @@ class Node:
             "node started", extra={"ae_title": self.cfg.dicom.ae_title, "port": self.server.port}
         )
 
+    def _relayed_metrics(self) -> list[Path]:
+        """The metrics files of the node's other processes, added to serve's endpoint."""
+        files = [self.cfg.state_dir / METRICS_FILE] if self.worker_process is not None else []
+        for index in range(1, self.cfg.dicom.receiver_processes):
+            files.append(self.cfg.state_dir / metrics_file(index))
+        return files
+
+    def _start_receivers(self) -> None:
+        """Receiver processes 1 .. N-1 on serve's listening sockets, once they listen."""
+        sockets = self.server.listening_sockets()
+        for index in range(1, self.cfg.dicom.receiver_processes):
+            receiver = ReceiverProcess(
+                self.cfg,
+                index,
+                sockets,
+                on_wake=self.worker.wakeup.set,
+                on_exit=functools.partial(self._receiver_exited, index),
+            )
+            self.receivers.append(receiver)
+            receiver.start()
+
+    def start_receiver(self) -> None:
+        """A receiver process's start: the listener only (serve migrated the index,
+        recovered the spool and runs everything else)."""
+        self.server.start()
+        log.info("receiver process started", extra={"port": self.server.port})
+
+    def stop_receiver(self, grace: float = 10.0) -> None:
+        self.server.stop(grace)
+        self.server.ledger.close()
+        self.db.dispose()
+
     def start_worker(self) -> None:
         """The worker process's start: the deliveries only (``serve`` migrated the index,
         recovered the spool and runs everything else)."""
@@ -247,6 +303,9 @@ class Node:
     def stop_worker(self, grace: float = 10.0) -> None:
         self.worker.stop(timeout=grace)
         self.db.dispose()
+
+    def _receiver_exited(self, index: int, code: int) -> None:
+        self._audit_application("receiver-exited", {"receiver": index, "exit_code": code})
 
     def _worker_exited(self, code: int) -> None:
         self._audit_application("worker-exited", {"exit_code": code})
@@ -287,7 +346,11 @@ class Node:
 
     def stop(self, grace: float = 10.0) -> None:
         self._stop.set()
+        for receiver in self.receivers:  # they stop as serve does, at the same time
+            receiver.terminate()
         self.server.stop(grace)
+        for receiver in self.receivers:
+            receiver.stop(grace)
         if self.peer_server is not None:
             self.peer_server.stop(grace)
         if self.worker_process is not None:

@@ -46,6 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--wake-fd", type=int, required=True, help=argparse.SUPPRESS)
     worker.add_argument("--ready-fd", type=int, required=True, help=argparse.SUPPRESS)
     worker.add_argument("--config-sha256", default="", help=argparse.SUPPRESS)
+    receiver = with_config(
+        sub.add_parser(
+            "receiver",
+            help="a DICOM receiver process that serve starts itself with "
+            "dicom.receiver_processes above 1 (not run by hand)",
+        )
+    )
+    receiver.add_argument("--index", type=int, required=True, help=argparse.SUPPRESS)
+    receiver.add_argument(
+        "--listen-fd", type=int, action="append", required=True, help=argparse.SUPPRESS
+    )
+    receiver.add_argument("--link-fd", type=int, required=True, help=argparse.SUPPRESS)
+    receiver.add_argument("--ready-fd", type=int, required=True, help=argparse.SUPPRESS)
+    receiver.add_argument("--config-sha256", default="", help=argparse.SUPPRESS)
 
     queue = sub.add_parser("queue", help="deliveries: list, show, retry, cancel")
     qsub = queue.add_subparsers(dest="action", required=True)
@@ -134,6 +148,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_worker(
                 cfg,
                 wake_fd=args.wake_fd,
+                ready_fd=args.ready_fd,
+                config_sha256=args.config_sha256,
+            )
+        if args.command == "receiver":
+            from gateway.logging import configure
+            from gateway.receiver_process import run_receiver
+
+            configure()
+            return run_receiver(
+                cfg,
+                index=args.index,
+                listen_fds=args.listen_fd,
+                link_fd=args.link_fd,
                 ready_fd=args.ready_fd,
                 config_sha256=args.config_sha256,
             )

@@ -3,7 +3,7 @@ never UIDs, calling AE titles from the wire, or patient data."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -107,54 +107,64 @@ class Metrics:
             registry=r,
         )
 
-    def serve(self, host: str, port: int, *, relayed: Path | None = None) -> None:
-        """The endpoint; with ``relayed``, a worker process's metrics file is added to
-        this process's own (:class:`MergedCollector`)."""
+    def serve(self, host: str, port: int, *, relayed: Sequence[Path] = ()) -> None:
+        """The endpoint; the metrics files of the node's other processes (``relayed``: its
+        worker and receiver processes) are added to this process's own
+        (:class:`MergedCollector`)."""
         registry = self.registry
-        if relayed is not None:
+        if relayed:
             registry = CollectorRegistry()
             registry.register(MergedCollector(self.registry, relayed))
         start_http_server(port, addr=host, registry=registry)
 
 
 class MergedCollector(Collector):
-    """This process's metrics with those another process of the node wrote to ``path``
-    (Prometheus text format, rewritten whole by :mod:`gateway.worker_process`): counters,
-    histograms and their ``_created`` samples are combined (sum; earliest creation), a
-    gauge is this process's where it has the sample and the file's otherwise. A missing or
-    unreadable file adds nothing."""
+    """This process's metrics with those other processes of the node wrote to ``paths``
+    (Prometheus text format, each rewritten whole by :mod:`gateway.worker_process`):
+    counters, histograms and their ``_created`` samples are combined (sum; earliest
+    creation), a gauge is this process's where it has the sample and the first file's that
+    has it otherwise. A missing or unreadable file adds nothing."""
 
-    def __init__(self, own: CollectorRegistry, path: Path) -> None:
+    def __init__(self, own: CollectorRegistry, paths: Sequence[Path]) -> None:
         self.own = own
-        self.path = path
-
-    def _relayed(self) -> dict[str, Metric]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-            return {m.name: m for m in text_string_to_metric_families(text)}
-        except (OSError, ValueError):
-            return {}
+        self.paths = tuple(paths)
 
     def collect(self) -> Iterator[Metric]:
-        relayed = self._relayed()
-        for family in self.own.collect():
-            other = relayed.pop(family.name, None)
-            if other is None or other.type != family.type:
-                yield family
-                continue
-            merged = Metric(family.name, family.documentation, family.type, family.unit)
-            samples: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
-            for sample in (*family.samples, *other.samples):
-                key = (sample.name, tuple(sorted(sample.labels.items())))
-                seen = samples.get(key)
-                if seen is None:
-                    samples[key] = sample
-                elif family.type == "gauge":
-                    continue  # ours first
-                elif sample.name.endswith("_created"):
-                    samples[key] = seen._replace(value=min(seen.value, sample.value))
-                else:
-                    samples[key] = seen._replace(value=seen.value + sample.value)
-            merged.samples = list(samples.values())
-            yield merged
-        yield from relayed.values()
+        families = list(self.own.collect())
+        for path in self.paths:
+            families = _merged(families, _read_families(path))
+        yield from families
+
+
+def _read_families(path: Path) -> dict[str, Metric]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        return {m.name: m for m in text_string_to_metric_families(text)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _merged(families: list[Metric], relayed: dict[str, Metric]) -> list[Metric]:
+    out: list[Metric] = []
+    for family in families:
+        other = relayed.pop(family.name, None)
+        if other is None or other.type != family.type:
+            out.append(family)
+            continue
+        merged = Metric(family.name, family.documentation, family.type, family.unit)
+        samples: dict[tuple[str, tuple[tuple[str, str], ...]], Sample] = {}
+        for sample in (*family.samples, *other.samples):
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            seen = samples.get(key)
+            if seen is None:
+                samples[key] = sample
+            elif family.type == "gauge":
+                continue  # the first one's
+            elif sample.name.endswith("_created"):
+                samples[key] = seen._replace(value=min(seen.value, sample.value))
+            else:
+                samples[key] = seen._replace(value=seen.value + sample.value)
+        merged.samples = list(samples.values())
+        out.append(merged)
+    out.extend(relayed.values())
+    return out

@@ -22,6 +22,9 @@ Between the two (:class:`WorkerProcess` in ``serve``, :func:`run_worker` in the 
 
 A worker that dies while ``serve`` runs is logged, audited and started again after a second.
 The worker refuses to start if the configuration file changed since ``serve`` read it.
+
+:class:`ChildProcess` and :func:`run_child` are that life cycle for any child of ``serve``;
+the receiver processes of :mod:`gateway.receiver_process` are the other kind.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import signal
 import subprocess
 import sys
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -55,8 +60,11 @@ READY_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
 
 
-class WorkerStartError(RuntimeError):
-    """The worker process exited or did not say it was ready in time."""
+class ChildStartError(RuntimeError):
+    """A child process of ``serve`` exited or did not say it was ready in time."""
+
+
+WorkerStartError = ChildStartError
 
 
 def config_digest(path: Path) -> str:
@@ -94,18 +102,27 @@ class ChildWakeup(threading.Event):
                 pass
 
 
-class WorkerProcess:
-    """Starts, watches and stops ``dicom-gateway worker`` for a ``serve`` process."""
+@dataclass
+class Channel:
+    """What one start of a child process is given besides its ready pipe: arguments, the
+    descriptors it inherits, and which of them are its ends (closed here once it has them)."""
 
-    def __init__(
-        self,
-        cfg: GatewayConfig,
-        wakeup: ChildWakeup,
-        *,
-        on_exit: Callable[[int], None] | None = None,
-    ) -> None:
+    args: list[str]
+    pass_fds: tuple[int, ...]
+    child_ends: tuple[int, ...]
+    parent_ends: tuple[int, ...]
+
+
+class ChildProcess(ABC):
+    """Starts, watches, restarts and stops one ``dicom-gateway <command>`` child of
+    ``serve``; subclasses say what each start is given (:meth:`_open_channel`) and what
+    ``serve`` does with its ends once the child is ready or gone."""
+
+    command = ""
+    label = ""
+
+    def __init__(self, cfg: GatewayConfig, *, on_exit: Callable[[int], None] | None = None) -> None:
         self.cfg = cfg
-        self.wakeup = wakeup
         self._on_exit = on_exit or (lambda code: None)
         self._digest = config_digest(cfg.source)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -117,37 +134,57 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @abstractmethod
+    def _open_channel(self) -> Channel:
+        """The channel of one start (made anew for each)."""
+
+    @abstractmethod
+    def _attach(self, channel: Channel) -> None:
+        """The child is ready: ``serve`` starts using its ends of the channel."""
+
+    @abstractmethod
+    def _detach(self) -> None:
+        """The child is gone (or stopping): ``serve`` lets go of its ends."""
+
     def start(self) -> None:
-        """Start the worker and wait until it is ready (WorkerStartError if it is not)."""
+        """Start the child and wait until it is ready (ChildStartError if it is not)."""
         self._spawn()
-        self._watcher = threading.Thread(target=self._watch, name="worker-process", daemon=True)
+        self._watcher = threading.Thread(
+            target=self._watch, name=f"{self.label}-process", daemon=True
+        )
         self._watcher.start()
 
     def _spawn(self) -> None:
-        wake_r, wake_w = os.pipe()
         ready_r, ready_w = os.pipe()
+        try:
+            channel = self._open_channel()
+        except BaseException:
+            os.close(ready_r)
+            os.close(ready_w)
+            raise
         try:
             cmd = [
                 sys.executable,
                 "-m",
                 "gateway.cli",
-                "worker",
+                self.command,
                 "-c",
                 str(self.cfg.source),
-                "--wake-fd",
-                str(wake_r),
+                *channel.args,
                 "--ready-fd",
                 str(ready_w),
                 "--config-sha256",
                 self._digest,
             ]
-            proc = subprocess.Popen(cmd, pass_fds=(wake_r, ready_w), stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                cmd, pass_fds=(*channel.pass_fds, ready_w), stdin=subprocess.DEVNULL
+            )
         except BaseException:
-            for fd in (wake_r, wake_w, ready_r, ready_w):
+            for fd in (*channel.child_ends, *channel.parent_ends, ready_r, ready_w):
                 os.close(fd)
             raise
-        os.close(wake_r)
-        os.close(ready_w)
+        for fd in (*channel.child_ends, ready_w):
+            os.close(fd)
         try:
             ready, _, _ = select.select([ready_r], [], [], READY_TIMEOUT)
             got = os.read(ready_r, 1) if ready else b""
@@ -157,13 +194,12 @@ class WorkerProcess:
             with contextlib.suppress(OSError):
                 proc.kill()
             code = proc.wait()
-            os.close(wake_w)
-            raise WorkerStartError(f"the worker process did not start (exit code {code})")
-        os.set_blocking(wake_w, False)
+            for fd in channel.parent_ends:
+                os.close(fd)
+            raise ChildStartError(f"the {self.label} process did not start (exit code {code})")
         with self._lock:
             self._proc = proc
-        self.wakeup.attach(wake_w)
-        self.wakeup.set()  # anything queued while it started
+        self._attach(channel)
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
@@ -172,28 +208,36 @@ class WorkerProcess:
             if proc is None:
                 return
             code = proc.wait()
-            fd = self.wakeup.detach()
-            if fd >= 0:
-                os.close(fd)
+            self._detach()
             if self._stopping.is_set():
                 return
-            log.error("worker process exited; starting another", extra={"exit_code": code})
+            log.error(
+                f"{self.label} process exited; starting another",
+                extra={"exit_code": code, "pid": proc.pid},
+            )
             self._on_exit(code)
             while not self._stopping.wait(RESTART_DELAY):
                 try:
                     self._spawn()
                     break
                 except (OSError, RuntimeError):
-                    log.exception("worker process did not start; trying again")
+                    log.exception(f"{self.label} process did not start; trying again")
 
-    def stop(self, grace: float) -> None:
-        """SIGTERM (the worker finishes or hands back what it holds), SIGKILL after
-        ``grace`` + 5 s."""
+    def terminate(self) -> None:
+        """SIGTERM: the child stops as it would with ``serve`` (:meth:`stop` waits)."""
         self._stopping.set()
         with self._lock:
             proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM (the child finishes or hands back what it holds), SIGKILL after
+        ``grace`` + 5 s."""
+        self.terminate()
+        with self._lock:
+            proc = self._proc
+        if proc is not None:
             try:
                 proc.wait(grace + 5)
             except subprocess.TimeoutExpired:
@@ -201,6 +245,36 @@ class WorkerProcess:
                 proc.wait()
         if self._watcher is not None:
             self._watcher.join(grace + 5)
+        self._detach()
+
+
+class WorkerProcess(ChildProcess):
+    """``dicom-gateway worker`` for a ``serve`` process, woken through a pipe."""
+
+    command = "worker"
+    label = "worker"
+
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        wakeup: ChildWakeup,
+        *,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(cfg, on_exit=on_exit)
+        self.wakeup = wakeup
+
+    def _open_channel(self) -> Channel:
+        wake_r, wake_w = os.pipe()
+        return Channel(["--wake-fd", str(wake_r)], (wake_r,), (wake_r,), (wake_w,))
+
+    def _attach(self, channel: Channel) -> None:
+        (wake_w,) = channel.parent_ends
+        os.set_blocking(wake_w, False)
+        self.wakeup.attach(wake_w)
+        self.wakeup.set()  # anything queued while it started
+
+    def _detach(self) -> None:
         fd = self.wakeup.detach()
         if fd >= 0:
             os.close(fd)
@@ -210,47 +284,83 @@ def run_worker(cfg: GatewayConfig, *, wake_fd: int, ready_fd: int, config_sha256
     """The worker process: deliveries only, until SIGTERM or the end of ``serve``."""
     from gateway.app import Node
 
-    if config_sha256 and config_digest(cfg.source) != config_sha256:
-        log.error("configuration file changed since serve started; restart the node")
+    if not config_unchanged(cfg, config_sha256):
         return 2
     node = Node(cfg, role="worker")
-    stop = threading.Event()
+
+    def on_wake() -> None:
+        node.worker.wakeup.set()
+
+    return run_child(
+        node,
+        start=node.start_worker,
+        link_fd=wake_fd,
+        on_data=on_wake,
+        ready_fd=ready_fd,
+        metrics_path=cfg.state_dir / METRICS_FILE,
+        stop=node.stop_worker,
+    )
+
+
+def config_unchanged(cfg: GatewayConfig, config_sha256: str) -> bool:
+    """Whether the configuration file is the one ``serve`` read (a child refuses to start
+    on another: it would run under settings that ``serve`` does not)."""
+    if config_sha256 and config_digest(cfg.source) != config_sha256:
+        log.error("configuration file changed since serve started; restart the node")
+        return False
+    return True
+
+
+def run_child(
+    node: Node,
+    *,
+    start: Callable[[], None],
+    link_fd: int,
+    on_data: Callable[[], None],
+    ready_fd: int,
+    metrics_path: Path,
+    stop: Callable[[], None],
+) -> int:
+    """A child's life: ``start``, then ready said on ``ready_fd``; its metrics written to
+    ``metrics_path`` every second; ``on_data`` for what ``serve`` writes to ``link_fd``,
+    whose end of file means ``serve`` is gone (the child then ends at once, as if killed
+    with it: nothing here is acknowledged that is not durable); ``stop`` on SIGTERM."""
+    stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()
+        stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops us
-    node.start_worker()
+    start()
 
     def watch_serve() -> None:
         while True:
             try:
-                data = os.read(wake_fd, 4096)
+                data = os.read(link_fd, 4096)
             except InterruptedError:
                 continue
-            if not data:  # serve is gone: end as it ended (nothing here is acknowledged)
+            if not data:  # serve is gone: end as it ended
                 os._exit(70)
-            node.worker.wakeup.set()
+            on_data()
 
     threading.Thread(target=watch_serve, name="serve-watch", daemon=True).start()
-    metrics_path = cfg.state_dir / METRICS_FILE
     os.write(ready_fd, b"\1")
     os.close(ready_fd)
     # with a timeout: see gateway.cli._serve (a signal handled only when Python runs)
-    while not stop.wait(METRICS_INTERVAL):
-        _write_metrics(node, metrics_path)
-    node.stop_worker()
-    _write_metrics(node, metrics_path)
+    while not stopping.wait(METRICS_INTERVAL):
+        write_metrics(node, metrics_path)
+    stop()
+    write_metrics(node, metrics_path)
     return 0
 
 
-def _write_metrics(node: Node, path: Path) -> None:
+def write_metrics(node: Node, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         tmp.write_bytes(generate_latest(node.metrics.registry))
         os.replace(tmp, path)
     except OSError:
-        log.warning("worker metrics not written", exc_info=True)
+        log.warning("child process metrics not written", exc_info=True)
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -57,6 +57,7 @@ _POSITIVE_KEYS = frozenset(
         "batch_size",
     }
 )
+MAX_RECEIVER_PROCESSES = 32
 _NON_NEGATIVE_KEYS = frozenset(
     {"spool_min_free_bytes", "quiet_seconds", "resend_on_reconnect", "keep_open_seconds"}
 )
@@ -190,6 +191,8 @@ class _Builder:
             raise self.fail(key, "at least 4096 bytes")
         if leaf == "backoff_multiplier" and value < 1:
             raise self.fail(key, "a number of 1 or more")
+        if leaf == "receiver_processes" and not 1 <= value <= MAX_RECEIVER_PROCESSES:
+            raise self.fail(key, f"a whole number from 1 to {MAX_RECEIVER_PROCESSES}")
 
 
 def _no_check(builder: _Builder, value: str, key: str) -> None:

@@ -73,6 +73,7 @@ class DicomConfig:
     pdu_read_timeout: float = 30.0
     max_associate_pdu_size: int = 1048576
     max_sequence_depth: int = 64
+    receiver_processes: int = 1
     allow: tuple[AllowEntry, ...] = ()
     tls: DicomTLSConfig = field(default_factory=DicomTLSConfig)
     tls_bindings: tuple[TLSBinding, ...] = ()

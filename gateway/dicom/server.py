@@ -54,6 +54,7 @@ from gateway.dicom import file_meta, spool_io
 from gateway.dicom import status as st
 from gateway.dicom.contexts import scp_contexts
 from gateway.dicom.guard import GuardedDIMSE, GuardedSocket, GuardedStateMachine
+from gateway.dicom.ledger import ConnectionLedger
 from gateway.dicom.reactor import (
     BoundedRequestor,
     WaitingSocket,
@@ -258,7 +259,9 @@ class _GatewayAssociation(Association):
             self._out_of_memory(exc)
         finally:  # the connection this association was is over
             if self.gateway_server is not None and self.gateway_address is not None:
-                self.gateway_server._connection_handled(self.gateway_address)
+                self.gateway_server._connection_handled(
+                    self.gateway_address, admitted=self.gateway_admitted
+                )
 
     def _out_of_memory(self, exc: MemoryError) -> None:
         """End the connection with an answer when this association's thread has no memory
@@ -337,8 +340,9 @@ class _GatewayACSE(ACSE):
         self.requestor.ae_title = rq.calling_ae_title
         address = str(self.requestor.address)
         # Checked and taken under one lock: associations negotiating at the same moment
-        # each saw the others not yet established and all got in past the limits.
-        with self._server.admission_lock:
+        # each saw the others not yet established and all got in past the limits. Those of
+        # the node's other receiver processes are counted from the ledger, under its lock.
+        with self._server.admission_lock, self._server.ledger.locked() as ledger:
             peers = [
                 a
                 for a in self.assoc.ae.active_associations
@@ -352,13 +356,14 @@ class _GatewayACSE(ACSE):
                     called=called,
                     calling=calling,
                     address=address,
-                    established_total=len(peers),
-                    established_from_address=len(same),
+                    established_total=len(peers) + ledger.associations_elsewhere(),
+                    established_from_address=len(same) + ledger.associations_elsewhere(address),
                     certificate_names=getattr(self.assoc, "gateway_certificate_names", None),
                 )
             )
             if verdict is None:
                 self.assoc.gateway_admitted = True  # type: ignore[attr-defined]
+                ledger.admit(address)
         if verdict is not None:
             rsd, reason = verdict
             info = AssociationInfo(getattr(self.assoc, "gateway_id", ""), calling, called, address)
@@ -422,12 +427,18 @@ class DicomServer:
         tls_context: ssl.SSLContext | None = None,
         query_retrieve: QueryRetrieveListener | None = None,
         spool: Spool | None = None,
+        ledger: ConnectionLedger | None = None,
+        inherited: list[socket.socket] | None = None,
     ) -> None:
         """``query_retrieve`` answers C-FIND/C-MOVE/C-GET (no Q/R contexts without it).
         With ``spool`` (and its keyring) receive buffers are envelopes and pynetdicom reads
         spool files as plaintext (:mod:`gateway.dicom.spool_io`).
         ``tls_context`` (a :func:`gateway.crypto.tls.server_context`) opens the TLS
-        listener on ``cfg.tls.port``; the plain one runs unless ``cfg.tls.plain`` is false."""
+        listener on ``cfg.tls.port``; the plain one runs unless ``cfg.tls.plain`` is false.
+        ``ledger`` counts connections and associations against the limits with those of the
+        node's other receiver processes (when it is shared); ``inherited`` are the listening
+        sockets of ``serve`` (:meth:`listening_sockets`, in that order) for a receiver
+        process to accept from instead of binding its own."""
         self.cfg = cfg
         self.listener = listener
         self.query_retrieve = query_retrieve
@@ -442,9 +453,9 @@ class DicomServer:
         self._handshaking_lock = threading.Lock()
         self.admission_lock = threading.Lock()  # association limits checked and taken at once
         # open connections per address (from accept until the handler or the association
-        # thread ends), bounded by max_connections_per_address
-        self._pending: dict[str, int] = {}
-        self._pending_lock = threading.Lock()
+        # thread ends), bounded by max_connections_per_address, and admitted associations
+        self.ledger = ledger or ConnectionLedger()
+        self._inherited = list(inherited or [])
         configure_pynetdicom(incoming_dir, spool=spool)
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = cfg.max_pdu_size
@@ -470,23 +481,29 @@ class DicomServer:
             return None
         return int(self._tls_server.server_address[1])
 
-    def _open_connection(self, address: str) -> bool:
-        """Count a new connection from ``address`` unless the address already holds
-        ``max_connections_per_address`` (so one host cannot take every connection)."""
-        with self._pending_lock:
-            held = self._pending.get(address, 0)
-            if held >= self.cfg.max_connections_per_address:
-                return False
-            self._pending[address] = held + 1
-            return True
+    def listening_sockets(self) -> list[socket.socket]:
+        """The listening sockets, TLS first, for receiver processes to inherit."""
+        return [cast(socket.socket, server.socket) for server in self._servers]
 
-    def _connection_handled(self, address: str) -> None:
-        with self._pending_lock:
-            left = self._pending.get(address, 0) - 1
-            if left > 0:
-                self._pending[address] = left
-            else:
-                self._pending.pop(address, None)
+    def _open_connection(self, address: str) -> str | None:
+        """Count a new connection from ``address``, or say which limit it is over:
+        ``max_connections`` (with those not yet through their TLS handshake and the other
+        receiver processes' connections) or ``max_connections_per_address`` (so one host
+        cannot take every connection)."""
+        live = sum(1 for a in self.ae.active_associations if a.is_acceptor)
+        with self.ledger.locked() as ledger:
+            if live + self._handshaking + ledger.connections_elsewhere() >= (
+                self.cfg.max_connections
+            ):
+                return "connection-limit"
+            if ledger.connections_from(address) >= self.cfg.max_connections_per_address:
+                return "connection-limit-per-address"
+            ledger.open_connection(address)
+            return None
+
+    def _connection_handled(self, address: str, *, admitted: bool = False) -> None:
+        with self.ledger.locked() as ledger:
+            ledger.close_connection(address, admitted=admitted)
 
     def _out_of_resources(
         self,
@@ -514,6 +531,13 @@ class DicomServer:
             request.close()
 
     def start(self) -> None:
+        """Bind (or take the inherited sockets) and accept."""
+        self.bind()
+        self.accept()
+
+    def bind(self) -> None:
+        """Make the listeners, bound and listening, without accepting yet: connections wait
+        in the backlog (serve starts its receiver processes between the two)."""
         server_self = self
 
         class Handler(RequestHandler):
@@ -604,15 +628,45 @@ class DicomServer:
             request_queue_size = 128
             gateway_tls_context: ssl.SSLContext | None = None
 
-            def process_request(self, request: Any, client_address: Any) -> None:
-                live = [a for a in server_self.ae.active_associations if a.is_acceptor]
-                if len(live) + server_self._handshaking >= server_self.cfg.max_connections:
-                    server_self._on_security_event("connection-limit")
-                    self.shutdown_request(request)
+            gateway_inherited: socket.socket | None = None
+
+            def server_bind(self) -> None:
+                if self.gateway_inherited is None:
+                    super().server_bind()
                     return
+                cast(socket.socket, self.socket).close()  # TCPServer's; serve's is used
+                self.socket = self.gateway_inherited
+                self.server_address = self.socket.getsockname()
+
+            def server_activate(self) -> None:
+                if self.gateway_inherited is None:
+                    super().server_activate()  # an inherited socket listens already
+
+            def server_close(self) -> None:
+                if server_self.ledger.shared:
+                    # shared with the other receiver processes: shutdown() would end their
+                    # accepting too; serve's close (the last) ends the listening socket
+                    cast(socket.socket, self.socket).close()
+                    return
+                super().server_close()
+
+            def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+                if server_self.ledger.shared:
+                    # Every receiver process wakes for a connection and one accept()s it;
+                    # the others find none (BlockingIOError: the socket does not block, so
+                    # their accept loops never wait in accept()). The busier one lets the
+                    # least busy take it first.
+                    fewest = server_self.ledger.fewest_connections_elsewhere()
+                    excess = server_self.ledger.connections_here() - (fewest or 0)
+                    if fewest is not None and excess > 0:
+                        time.sleep(min(0.002 * excess, 0.01))
+                return super().get_request()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
                 address = str(client_address[0])
-                if not server_self._open_connection(address):
-                    server_self._on_security_event("connection-limit-per-address")
+                over = server_self._open_connection(address)
+                if over is not None:
+                    server_self._on_security_event(over)
                     self.shutdown_request(request)
                     return
                 if self.gateway_tls_context is not None:
@@ -657,9 +711,20 @@ class DicomServer:
         if self._tls_context is None or self.cfg.tls.plain:
             listeners.append((self.cfg.port, None))
         contexts = scp_contexts(query_retrieve=self.query_retrieve is not None)
-        for port, context in listeners:
+        if self._inherited and len(self._inherited) != len(listeners):
+            raise RuntimeError(
+                f"{len(self._inherited)} listening socket(s) inherited for {len(listeners)}"
+            )
+        for i, (port, context) in enumerate(listeners):
+            server_class = Server
+            if self._inherited:
+
+                class InheritedServer(Server):
+                    gateway_inherited = self._inherited[i]
+
+                server_class = InheritedServer
             # ssl_context stays None: pynetdicom would handshake on the accept thread
-            server = Server(
+            server = server_class(
                 self.ae,
                 (self.cfg.host, port),
                 self.cfg.ae_title,
@@ -669,11 +734,16 @@ class DicomServer:
                 request_handler=Handler,
             )
             server.gateway_tls_context = context
+            if self.ledger.shared:
+                cast(socket.socket, server.socket).settimeout(0.0)  # see Server.get_request
             self.ae._servers.append(server)
             self._servers.append(server)
             if context is not None:
                 self._tls_server = server
-        for listening in self._servers:  # every port is bound before any accepts
+
+    def accept(self) -> None:
+        """Accept on every listener (all are bound before any accepts)."""
+        for listening in self._servers:
             threading.Thread(
                 target=listening.serve_forever,
                 kwargs={"poll_interval": 0.2},

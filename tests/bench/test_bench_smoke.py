@@ -69,7 +69,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         # this scale (test_sealed_transfer_offline covers its report and ratios).
         *("--scenarios", "ingest,e2e,deid", "--datasets", "small", "--concurrency", "1"),
         "--systems",
-        "node,dcmtk-storescp-ignore,node-stream,direct,node-basic-file,dicognito,pydicom-deid",
+        "node,node-rx2,dcmtk-storescp-ignore,node-stream,direct,node-basic-file,dicognito,"
+        "pydicom-deid",
         timeout=110,
     )
     elapsed = time.monotonic() - started
@@ -80,28 +81,31 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert doc["meta"]["host"]["cpus"] >= 1
 
     ingest = doc["scenarios"]["ingest"]["result"]
-    assert ingest["systems"] == ["node", "dcmtk-storescp-ignore"]
+    assert ingest["systems"] == ["node", "node-rx2", "dcmtk-storescp-ignore"]
     assert [d["name"] for d in ingest["datasets"]] == ["small"]
     assert ingest["datasets"][0]["instances"] == 8
-    assert len(ingest["rows"]) == 2
+    assert len(ingest["rows"]) == 3
     for row in ingest["rows"]:
         assert row["dataset"] == "small" and row["concurrency"] == 1
         assert len(row["runs"]) == 1
         for key in ("seconds", "instances_per_s", "mb_per_s", "peak_rss_mib"):
             _positive(row["summary"], key)
         assert row["summary"]["cpu_seconds"]["median"] >= 0
-    (ratio,) = ingest["ratios"]
-    assert ratio["peer"] == "dcmtk-storescp-ignore"
-    assert ratio["instances_per_s"] > 0 and ratio["peak_rss"] > 0
+    assert [(r["node"], r["peer"]) for r in ingest["ratios"]] == [
+        ("node", "dcmtk-storescp-ignore"),
+        ("node-rx2", "dcmtk-storescp-ignore"),
+    ]
+    for ratio in ingest["ratios"]:
+        assert ratio["instances_per_s"] > 0 and ratio["peak_rss"] > 0
     # the untimed traced run: the node syncs the file, its folder and the index per instance
     # (strace is installed by scripts/bootstrap); storescp --ignore writes nothing to sync
     durable = {r["system"]: r for r in ingest["durability"]["rows"]}
-    assert set(durable) == {"node", "dcmtk-storescp-ignore"}, ingest["durability"]
-    node = durable["node"]
-    assert node["instances"] == 8
-    for target in ("file", "folder", "index"):
-        assert node[f"{target}_syncs_per_instance"] >= 1, node
-    assert node["sync_ms_per_instance"] > 0
+    assert set(durable) == {"node", "node-rx2", "dcmtk-storescp-ignore"}, ingest["durability"]
+    for node in (durable["node"], durable["node-rx2"]):
+        assert node["instances"] == 8
+        for target in ("file", "folder", "index"):
+            assert node[f"{target}_syncs_per_instance"] >= 1, node
+        assert node["sync_ms_per_instance"] > 0
     assert durable["dcmtk-storescp-ignore"]["syncs_per_instance"] == 0
     assert "| data set | receiver | data file | folder | index |" in (out / "latest.md").read_text()
 

@@ -17,46 +17,12 @@ from pathlib import Path
 
 from tests.e2e.test_forward import orthanc_destination, storescu
 from tests.support.datasets import make_ct_study, sop_instance_uids
-from tests.support.node import GatewayNode
+from tests.support.node import GatewayNode, child_pid, process_gone
 from tests.support.peers import Orthanc
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def _worker_pid(node: GatewayNode) -> int:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for pid in _children(node.pid):
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"worker" in cmdline:
-                return pid
-        time.sleep(0.1)
-    raise AssertionError(f"no worker process under serve ({node.pid})\n{node.log()}")
-
-
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
+    return child_pid(node, "worker")
 
 
 def _node(root: Path, orthanc: Orthanc) -> GatewayNode:
@@ -93,7 +59,7 @@ def test_stream_through_worker_process_and_serve_killed(tmp_path: Path, orthanc:
 
         storescu(node, files[20:])
         os.kill(node.pid, signal.SIGKILL)  # serve alone, not its process group
-        assert _gone(worker, 5), "the worker outlived serve"
+        assert process_gone(worker, 5), "the worker outlived serve"
         node.proc.wait(10)  # type: ignore[union-attr]
         node.proc = None
     with node:  # restart: what was acknowledged and not yet sent goes out now
@@ -109,11 +75,7 @@ def test_worker_killed_is_replaced(tmp_path: Path, orthanc: Orthanc) -> None:
     with node:
         first = _worker_pid(node)
         os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        second = first
-        while second == first and time.monotonic() < deadline:
-            time.sleep(0.2)
-            second = next((p for p in _children(node.pid) if p != first and not _gone(p, 0)), first)
+        second = child_pid(node, "worker", exclude=[first])
         assert second != first, node.log()
         storescu(node, files)
         assert orthanc.wait_for_instances(10, timeout=30) == 10

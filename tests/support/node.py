@@ -102,6 +102,7 @@ class GatewayNode:
             self.tls_port = int(dicom["tls"].get("port") or free_port())
             dicom = {**dicom, "tls": {**dicom["tls"], "port": self.tls_port}}
         self.ae_title = ae_title
+        self.dicom = dict(dicom or {})
         self.node_name = name
         self.config_path = root / "gateway.toml"
         self.log_path = root / "node.log"
@@ -159,6 +160,8 @@ class GatewayNode:
         log.close()
         try:
             wait_for_port(self.port, timeout=timeout)
+            if self.receiver_processes > 1:  # the port takes connects before they accept
+                self.wait_for_log('"node started"', timeout=timeout)
         except Exception as exc:
             self.kill()
             raise RuntimeError(f"node did not start:\n{self.log()}") from exc
@@ -202,6 +205,17 @@ class GatewayNode:
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
+    @property
+    def receiver_processes(self) -> int:
+        return int(self.dicom.get("receiver_processes", 1))
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
+                raise RuntimeError(f"{text} not in the node's log")
+            time.sleep(0.05)
+
     def log(self, lines: int = 80) -> str:
         return log_tail(self.log_path, lines)
 
@@ -244,3 +258,53 @@ class GatewayNode:
             f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
         ) as r:
             return r.read().decode()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def child_pid(
+    node: GatewayNode, command: str, *, exclude: Sequence[int] = (), timeout: float = 30.0
+) -> int:
+    """The pid of serve's child ``dicom-gateway <command>`` (worker, receiver), waited for
+    (a replacement starts a second after the one it replaces died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in child_pids(node.pid):
+            if pid in exclude or process_gone(pid, 0):
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if command.encode() in cmdline:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no {command} process under serve ({node.pid})\n{node.log()}")
+
+
+def process_gone(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` has ended (or is a zombie) within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)

@@ -231,6 +231,8 @@ BAD_CASES: list[tuple[str, str, str, str]] = [
     ("nan-timeout", "[dicom]\nacse_timeout = nan\n", "dicom.acse_timeout", "finite"),
     ("inf-lease", "[worker]\nlease_seconds = inf\n", "worker.lease_seconds", "finite"),
     ("small-pdu", "[dicom]\nmax_pdu_size = 1000\n", "dicom.max_pdu_size", "4096"),
+    ("no-receivers", "[dicom]\nreceiver_processes = 0\n", "dicom.receiver_processes", "1 to 32"),
+    ("many-receivers", "[dicom]\nreceiver_processes = 33\n", "dicom.receiver_processes", "1 to 32"),
     (
         "multiplier",
         "[worker]\nbackoff_multiplier = 0.5\n",

@@ -1,0 +1,230 @@
+"""``dicom.receiver_processes``: receiver processes accepting on serve's listening sockets.
+
+Real programs: DCMTK storescu and pynetdicom SCUs -> node (serve + one ``dicom-gateway
+receiver``). Checked: concurrent associations are spread over both processes and every
+instance is stored once, the receiver's counters on serve's metrics endpoint; the
+association limit is the node's, counted across both (the association past it is rejected
+transient, local limit, whichever process took it); a receiver SIGKILLed in the middle of
+an association loses nothing it acknowledged, is audited and replaced, and the node goes on
+serving; a SIGKILL of serve alone takes its receiver with it, and the node starts again on
+the same port; the audit chain verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+
+from tests.e2e.test_forward import storescu
+from tests.support.datasets import make_ct_study, sop_instance_uids
+from tests.support.node import GatewayNode, child_pid, process_gone
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _node(root: Path, **dicom: object) -> GatewayNode:
+    return GatewayNode(root, dicom={"receiver_processes": 2, **dicom}, worker={"enabled": False})
+
+
+def _associate(node: GatewayNode) -> Association:
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(VERIFICATION)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+
+
+def _associations_by_process(node: GatewayNode) -> dict[int, int]:
+    """Admitted associations per receiver process (0 is serve), from the node's ledger."""
+    counts: dict[int, int] = {}
+    for path in (node.state_dir / "receivers").glob("*.json"):
+        try:
+            held = json.loads(path.read_text())["associations"]
+        except (OSError, ValueError):  # being replaced
+            continue
+        counts[int(path.stem)] = sum(held.values())
+    return counts
+
+
+def _wait_for_associations(node: GatewayNode, total: int) -> dict[int, int]:
+    deadline = time.monotonic() + 10
+    while True:
+        counts = _associations_by_process(node)
+        if sum(counts.values()) == total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
+def _one_on_each_process(node: GatewayNode) -> dict[int, Association]:
+    """An association held in serve (0) and one in the receiver (1): the least busy process
+    takes a new connection first, so a few tries are enough (the surplus is released)."""
+    held: dict[int, Association] = {}
+    surplus: list[Association] = []
+    for _ in range(8):
+        before = _wait_for_associations(node, len(held) + len(surplus))
+        assoc = _associate(node)
+        assert assoc.is_established, node.log()
+        after = _wait_for_associations(node, len(held) + len(surplus) + 1)
+        (process,) = [p for p in after if after[p] > before.get(p, 0)]
+        (held if process not in held else {}).setdefault(process, assoc)
+        if held.get(process) is not assoc:
+            surplus.append(assoc)
+        if len(held) == 2:
+            break
+    for assoc in surplus:
+        assoc.release()
+    assert sorted(held) == [0, 1], _associations_by_process(node)
+    return held
+
+
+def _stored_uids(node: GatewayNode) -> list[str]:
+    db = node.state_dir / "index.sqlite3"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT sop_instance_uid FROM instances").fetchall()
+    return [uid for (uid,) in rows]
+
+
+def _received(metrics: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        if re.match(r'gateway_instances_received_total\{.*outcome="stored"', line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_associations_spread_over_receivers_and_limited_across_them(tmp_path: Path) -> None:
+    files = make_ct_study(tmp_path / "study", 24, seed=21)
+    node = _node(tmp_path / "node", max_associations=3)
+    with node:
+        # three storescu at once, as many as the limit
+        chunks = [files[i::3] for i in range(3)]
+        threads = [threading.Thread(target=storescu, args=(node, chunk)) for chunk in chunks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(_stored_uids(node)) == sorted(sop_instance_uids(files))
+        # the receiver's counters reach serve's endpoint (its file is rewritten every second)
+        deadline = time.monotonic() + 10
+        while _received(node.metrics()) < len(files) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _received(node.metrics()) == len(files), node.metrics()
+        receiver_file = node.state_dir / "receiver-1-metrics.prom"
+        assert _received(receiver_file.read_text()) > 0, "the receiver took no association"
+
+        held = [_associate(node) for _ in range(3)]
+        try:
+            assert all(a.is_established for a in held), node.log()
+            counts = _wait_for_associations(node, 3)
+            assert sum(counts.values()) == 3 and min(counts.values()) >= 1, counts
+            # past the node's limit, whichever process takes it: transient, local limit
+            for _ in range(4):
+                extra = _associate(node)
+                assert not extra.is_established
+                rj = extra.acceptor.primitive
+                assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
+            # a place freed in one process is free for both
+            held.pop(0).release()
+            _wait_for_associations(node, 2)
+            again = _associate(node)
+            assert again.is_established, node.log()
+            held.append(again)
+        finally:
+            for a in held:
+                if a.is_established:
+                    a.release()
+        rows = node.cli_json("audit", "list", "--type", "association")
+        assert sum(r["outcome"] == "rejected" for r in rows) >= 4, rows
+    assert node.cli("audit", "verify").returncode == 0
+
+
+def _send_until_killed(
+    assoc: Association, files: list[Path], acknowledged: list[str], stop: threading.Event
+) -> None:
+    for path in files:
+        if stop.is_set() or not assoc.is_established:
+            return
+        ds = dcmread(path)
+        try:
+            status = assoc.send_c_store(ds)
+        except RuntimeError:  # ended (its process killed) since the check above
+            return
+        if "Status" in status and int(status.Status) == 0:
+            acknowledged.append(str(ds.SOPInstanceUID))
+
+
+def test_receiver_killed_mid_association_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    files = make_ct_study(tmp_path / "study", 120, seed=22)
+    node = _node(tmp_path / "node")
+    with node:
+        receiver = child_pid(node, "receiver")
+        on = _one_on_each_process(node)
+        assocs = [on[0], on[1]]  # serve's, the receiver's
+        acknowledged: list[list[str]] = [[], []]
+        stop = threading.Event()
+        senders = [
+            threading.Thread(
+                target=_send_until_killed, args=(a, files[i::2], acknowledged[i], stop)
+            )
+            for i, a in enumerate(assocs)
+        ]
+        for t in senders:
+            t.start()
+        deadline = time.monotonic() + 30
+        while min(map(len, acknowledged)) < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(receiver, signal.SIGKILL)  # in the middle of its association's C-STOREs
+        assert process_gone(receiver, 5)
+        for t in senders:
+            t.join(60)
+        for a in assocs:
+            if a.is_established:
+                a.release()
+        # serve's association went on to its end; the receiver's ended with the process
+        assert len(acknowledged[0]) == len(files[0::2]), node.log()
+        assert len(acknowledged[1]) < len(files[1::2])
+        done = set(acknowledged[0]) | set(acknowledged[1])
+        stored = _stored_uids(node)
+        assert done <= set(stored), "an acknowledged instance is not in the index"
+        assert len(stored) == len(set(stored))
+
+        replacement = child_pid(node, "receiver", exclude=[receiver])
+        assert replacement != receiver
+        # the node serves on, on both processes: everything sent again is stored once
+        chunks = [files[i::4] for i in range(4)]
+        threads = [threading.Thread(target=storescu, args=(node, chunk)) for chunk in chunks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(_stored_uids(node)) == sorted(sop_instance_uids(files))
+        rows = node.cli_json("audit", "list", "--type", "application")
+    exited = [r for r in rows if r["outcome"] == "receiver-exited"]
+    assert len(exited) == 1, rows
+    assert node.cli("audit", "verify").returncode == 0
+
+
+def test_serve_killed_takes_its_receivers_with_it(tmp_path: Path) -> None:
+    files = make_ct_study(tmp_path / "study", 8, seed=23)
+    node = _node(tmp_path / "node")
+    with node:
+        receiver = child_pid(node, "receiver")
+        os.kill(node.pid, signal.SIGKILL)  # serve alone, not its process group
+        assert process_gone(receiver, 5), "the receiver outlived serve"
+        node.proc.wait(10)  # type: ignore[union-attr]
+        node.proc = None
+    with node:  # the same port: no receiver of the killed serve holds it
+        storescu(node, files)
+        assert sorted(_stored_uids(node)) == sorted(sop_instance_uids(files))
+    assert node.cli("audit", "verify").returncode == 0
