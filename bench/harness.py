@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--systems",
         type=_csv,
         default=None,
-        help="only these systems (ingest: node, dcmtk-storescp, dcmtk-storescp-ignore, "
+        help="only these systems (ingest: node, node-rx2, dcmtk-storescp, dcmtk-storescp-ignore, "
         "orthanc, pynetdicom-scp; e2e: node-stream, node-study, orthanc-router, direct, "
         "node-stream-basic, node-peer-stream, node-peer-stream-basic; deid: node-basic-file, "
         "node-basic-gate, node-basic-nogate, dicognito, pydicom-deid; sealed-transfer: "

@@ -46,14 +46,15 @@ def _ingest_md(result: dict[str, Any]) -> list[str]:
         "",
         f"Ratios, {result['ratio_meaning']}:",
         "",
-        "| data set | assoc. | peer | inst/s node/peer | peak RSS node/peer | CPU/inst node/peer |",
-        "|---|---:|---|---:|---:|---:|",
+        "| data set | assoc. | node | peer | inst/s node/peer | peak RSS node/peer "
+        "| CPU/inst node/peer |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     if not result["ratios"]:
-        lines.append("| (no ratios: the node or every peer was left out) | | | | | |")
+        lines.append("| (no ratios: the node or every peer was left out) | | | | | | |")
     for r in result["ratios"]:
         lines.append(
-            f"| {r['dataset']} | {r['concurrency']} | {r['peer']} | "
+            f"| {r['dataset']} | {r['concurrency']} | {r.get('node', 'node')} | {r['peer']} | "
             f"{_ratio(r['instances_per_s'])} | {_ratio(r['peak_rss'])} | "
             f"{_ratio(r['cpu_per_instance'])} |"
         )
@@ -387,7 +388,7 @@ def charts(doc: dict[str, Any], out: Path) -> list[str]:
                     medians.append(s["median"])
                     lo.append(s["median"] - s["min"])
                     hi.append(s["max"] - s["median"])
-                    colors.append("tab:red" if system == "node" else PEER_COLORS[i % 5])
+                    colors.append("tab:red" if system.startswith("node") else PEER_COLORS[i % 5])
                 ax.bar(range(len(systems)), medians, yerr=[lo, hi], color=colors, capsize=3)
                 ax.set_xticks(range(len(systems)))
                 ax.set_xticklabels(systems, rotation=40, ha="right", fontsize=8)

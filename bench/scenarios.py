@@ -232,7 +232,8 @@ def _ingest_once(
     }
 
 
-INGEST_ORDER = ("node", "dcmtk-storescp", "dcmtk-storescp-ignore", "orthanc", "pynetdicom-scp")
+INGEST_NODES = ("node", "node-rx2")
+INGEST_ORDER = (*INGEST_NODES, "dcmtk-storescp", "dcmtk-storescp-ignore", "orthanc", "pynetdicom-scp")
 
 DURABILITY_INSTANCES = 20
 """Instances each receiver gets in the untimed traced run (:mod:`bench.durability`)."""
@@ -317,26 +318,21 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
                     }
                 )
     ratios = []
-    for row in rows:
-        if row["system"] == "node" or "error" in row:
-            continue
-        node = next(
-            (
-                r
-                for r in rows
-                if r["system"] == "node"
-                and "error" not in r
-                and r["dataset"] == row["dataset"]
-                and r["concurrency"] == row["concurrency"]
-            ),
-            None,
-        )
-        if node is None:
-            continue
+    for node, row in (
+        (node, row)
+        for node in rows
+        if node["system"] in INGEST_NODES and "error" not in node
+        for row in rows
+        if row["system"] not in INGEST_NODES
+        and "error" not in row
+        and row["dataset"] == node["dataset"]
+        and row["concurrency"] == node["concurrency"]
+    ):
         ratios.append(
             {
                 "dataset": row["dataset"],
                 "concurrency": row["concurrency"],
+                "node": node["system"],
                 "peer": row["system"],
                 "instances_per_s": _ratio(
                     node["summary"]["instances_per_s"]["median"],

@@ -241,6 +241,7 @@ class NodeOptions:
     destinations: list[dict[str, Any]] = field(default_factory=list)
     routes: list[dict[str, Any]] = field(default_factory=list)
     worker: dict[str, Any] = field(default_factory=lambda: dict(NODE_DEFAULT_WORKER))
+    dicom: dict[str, Any] = field(default_factory=dict)
 
 
 class NodeReceiver:
@@ -267,6 +268,7 @@ class NodeReceiver:
             destinations=opts.destinations,
             routes=opts.routes,
             worker=opts.worker,
+            dicom=opts.dicom,
             allow=[{"called_ae": "GATEWAY", "calling_ae": ["*"], "addresses": [LOOPBACK]}],
         )
         return cls(node, name)
@@ -315,6 +317,11 @@ IngestFactory = Callable[[Path, int], Receiver]
 
 INGEST_SYSTEMS: dict[str, IngestFactory] = {
     "node": lambda root, conc: NodeReceiver.configured(root),
+    # dicom.receiver_processes = 2, the configuration for two cores (README "Receiver
+    # processes"), at every concurrency, one association included
+    "node-rx2": lambda root, conc: NodeReceiver.configured(
+        root, NodeOptions(dicom={"receiver_processes": 2}), name="node-rx2"
+    ),
     "dcmtk-storescp": lambda root, conc: Storescp(root, ignore=False, concurrency=conc),
     "dcmtk-storescp-ignore": lambda root, conc: Storescp(root, ignore=True, concurrency=conc),
     "orthanc": lambda root, conc: OrthancReceiver(root),
