@@ -7,7 +7,8 @@ association limit is the node's, counted across both (the association past it is
 transient, local limit, whichever process took it); a receiver SIGKILLed in the middle of
 an association loses nothing it acknowledged, is audited and replaced, and the node goes on
 serving; a SIGKILL of serve alone takes its receiver with it, and the node starts again on
-the same port; the audit chain verifies.
+the same port; the TLS listener is served by both processes (handshake, client certificate
+bound to the calling AE title, storage); the audit chain verifies.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import signal
 import sqlite3
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from tests.e2e.test_forward import storescu
+from tests.e2e.test_tls import make_pki
 from tests.support.datasets import make_ct_study, sop_instance_uids
 from tests.support.node import GatewayNode, child_pid, process_gone
 
@@ -37,12 +40,17 @@ def _node(root: Path, **dicom: object) -> GatewayNode:
     return GatewayNode(root, dicom={"receiver_processes": 2, **dicom}, worker={"enabled": False})
 
 
-def _associate(node: GatewayNode) -> Association:
+def _associate(node: GatewayNode, tls: ssl.SSLContext | None = None) -> Association:
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(VERIFICATION)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    if tls is None:
+        return ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert node.tls_port is not None
+    return ae.associate(
+        "127.0.0.1", node.tls_port, ae_title=node.ae_title, tls_args=(tls, "gateway-node")
+    )
 
 
 def _associations_by_process(node: GatewayNode) -> dict[int, int]:
@@ -66,14 +74,16 @@ def _wait_for_associations(node: GatewayNode, total: int) -> dict[int, int]:
         time.sleep(0.05)
 
 
-def _one_on_each_process(node: GatewayNode) -> dict[int, Association]:
+def _one_on_each_process(
+    node: GatewayNode, tls: ssl.SSLContext | None = None
+) -> dict[int, Association]:
     """An association held in serve (0) and one in the receiver (1): the least busy process
     takes a new connection first, so a few tries are enough (the surplus is released)."""
     held: dict[int, Association] = {}
     surplus: list[Association] = []
     for _ in range(8):
         before = _wait_for_associations(node, len(held) + len(surplus))
-        assoc = _associate(node)
+        assoc = _associate(node, tls)
         assert assoc.is_established, node.log()
         after = _wait_for_associations(node, len(held) + len(surplus) + 1)
         (process,) = [p for p in after if after[p] > before.get(p, 0)]
@@ -228,3 +238,40 @@ def test_serve_killed_takes_its_receivers_with_it(tmp_path: Path) -> None:
         storescu(node, files)
         assert sorted(_stored_uids(node)) == sorted(sop_instance_uids(files))
     assert node.cli("audit", "verify").returncode == 0
+
+
+def test_tls_listener_served_by_every_receiver(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    files = make_ct_study(tmp_path / "study", 2, seed=24)
+    node = GatewayNode(
+        tmp_path / "node",
+        dicom={
+            "receiver_processes": 2,
+            "tls": {
+                "enabled": True,
+                "cert_file": str(pki.node.cert_file),
+                "key_file": str(pki.node.key_file),
+                "ca_file": str(pki.ca),
+                "handshake_timeout": 3,
+            },
+            "tls_bindings": [{"calling_ae": "MODALITY", "certificate_name": "modality"}],
+        },
+        worker={"enabled": False},
+    )
+    client = ssl.create_default_context(cafile=str(pki.ca))
+    client.load_cert_chain(str(pki.modality.cert_file), str(pki.modality.key_file))
+    rogue = ssl.create_default_context(cafile=str(pki.ca))
+    rogue.load_cert_chain(str(pki.rogue.cert_file), str(pki.rogue.key_file))
+    with node:
+        on = _one_on_each_process(node, client)
+        try:
+            for process, path in zip((0, 1), files[:2], strict=True):
+                status = on[process].send_c_store(dcmread(path))
+                assert int(status.Status) == 0, (process, status)
+        finally:
+            for assoc in on.values():
+                assoc.release()
+        # a certificate of another CA is refused whichever process takes it
+        for _ in range(4):
+            assert not _associate(node, rogue).is_established
+        assert sorted(_stored_uids(node)) == sorted(sop_instance_uids(files[:2]))

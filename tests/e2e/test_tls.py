@@ -32,7 +32,11 @@ class Pki:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    root = tmp_path_factory.mktemp("pki")
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(root: Path) -> Pki:
+    """A CA, another CA, and certificates for the node, a modality, storescp and a rogue."""
     ca_init(root / "ca")
     ca_init(root / "other-ca", name="another CA")
     return Pki(
