@@ -209,8 +209,14 @@ def any_due(
     waiting = set(session.execute(queries.waiting, params).scalars())
     if not waiting:
         return False
-    busy = dict(session.execute(queries.busy, params).tuples().all())
+    busy = _busy(session, queries.busy, params)
     return any(busy.get(d, 0) < capacity.get(d, 1) for d in waiting)
+
+
+def _busy(session: Session, query: Any, params: dict[str, Any]) -> dict[str, int]:
+    """Open attempts per destination (rows unpacked directly: ``Result.tuples()`` is
+    deprecated from SQLAlchemy 2.1)."""
+    return {str(destination): int(count) for destination, count in session.execute(query, params)}
 
 
 def claim(
@@ -233,7 +239,7 @@ def claim(
     candidates = session.execute(queries.candidates, params).scalars().all()
     if not candidates:
         return None
-    busy = dict(session.execute(queries.busy, params).tuples().all())
+    busy = _busy(session, queries.busy, params)
     for d in candidates:
         if d.destination in skip:
             continue
