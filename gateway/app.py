@@ -272,6 +272,8 @@ class Node:
         """Receiver processes 1 .. N-1 on serve's listening sockets, once they listen."""
         sockets = self.server.listening_sockets()
         for index in range(1, self.cfg.dicom.receiver_processes):
+            # a previous run's counters are not this one's
+            (self.cfg.state_dir / metrics_file(index)).unlink(missing_ok=True)
             receiver = ReceiverProcess(
                 self.cfg,
                 index,
