@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from tests.support.datasets import make_ct_study
 from tests.support.peers import Orthanc, StoreSCP, in_private_netns
+from tests.support.pg import pg_conninfo
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -57,6 +59,23 @@ def pg_url() -> str:
             )
         pytest.skip("GATEWAY_TEST_PG_URL not set (scripts/test sets it)")
     return url
+
+
+@pytest.fixture
+def pg_schema_url(pg_url: str) -> Iterator[tuple[str, str]]:
+    """(SQLAlchemy URL whose search_path is a fresh schema, the schema); dropped after."""
+    import psycopg
+
+    schema = f"g_{secrets.token_hex(6)}"
+    conninfo = pg_conninfo(pg_url)
+    with psycopg.connect(conninfo, autocommit=True) as con:
+        con.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in pg_url else "?"
+    try:
+        yield f"{pg_url}{sep}options=-csearch_path%3D{schema}", schema
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as con:
+            con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture

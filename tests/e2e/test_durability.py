@@ -8,22 +8,21 @@ the forward and retry flows on PostgreSQL.
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.support.datasets import make_ct_study, sha256_pixel, sop_instance_uids
 from tests.support.node import GatewayNode
 from tests.support.peers import Orthanc, dcmtk, dcmtk_path
+from tests.support.pg import pg_conninfo
 
 OUT_OF_RESOURCES = 0xA700
 
@@ -160,41 +159,10 @@ def parse_storescu(text: str) -> tuple[set[str], list[str]]:
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def _pg_conninfo(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    u = make_url(url)
-    parts = {
-        "host": u.query.get("host") or u.host,
-        "port": u.port,
-        "dbname": u.database,
-        "user": u.username,
-        "password": u.password,
-    }
-    return " ".join(f"{k}={v}" for k, v in parts.items() if v)
-
-
-@pytest.fixture
-def pg_schema_url(pg_url: str) -> Iterator[tuple[str, str]]:
-    """(SQLAlchemy URL whose search_path is a fresh schema, the schema); dropped after."""
-    import psycopg
-
-    schema = f"g_{secrets.token_hex(6)}"
-    conninfo = _pg_conninfo(pg_url)
-    with psycopg.connect(conninfo, autocommit=True) as con:
-        con.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in pg_url else "?"
-    try:
-        yield f"{pg_url}{sep}options=-csearch_path%3D{schema}", schema
-    finally:
-        with psycopg.connect(conninfo, autocommit=True) as con:
-            con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-
-
 def pg_tables(pg_url: str, schema: str) -> set[str]:
     import psycopg
 
-    with psycopg.connect(_pg_conninfo(pg_url)) as con:
+    with psycopg.connect(pg_conninfo(pg_url)) as con:
         rows = con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
             (schema,),

@@ -4,6 +4,8 @@ New associations are refused with A-ASSOCIATE-RJ transient (2, 3, 1: temporary
 congestion) and audited; associations in progress either finish or are aborted within the
 grace period (10 s); the node exits 0; after a restart every instance that was answered
 0x0000 is in the index and the spool, the spool holds nothing else, and the audit verifies.
+The same with two receiver processes (``dicom.receiver_processes``), whichever process holds
+an association or takes a new one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -75,9 +78,15 @@ class Sender:
         self.ended_at = time.monotonic()
 
 
-def test_sigterm_during_ten_concurrent_stores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_sigterm_during_ten_concurrent_stores(tmp_path: Path, receivers: int) -> None:
     node = GatewayNode(
-        tmp_path / "node", dicom={"max_associations": 20, "max_associations_per_address": 20}
+        tmp_path / "node",
+        dicom={
+            "max_associations": 20,
+            "max_associations_per_address": 20,
+            "receiver_processes": receivers,
+        },
     )
     senders = [
         Sender(make_ct_study(tmp_path / f"s{i}", 12 if i < 8 else 40, seed=170 + i), 0.1, False)

@@ -225,6 +225,33 @@ def test_receiver_killed_mid_association_loses_nothing_acknowledged(tmp_path: Pa
     assert node.cli("audit", "verify").returncode == 0
 
 
+def test_receivers_on_postgresql(tmp_path: Path, pg_schema_url: tuple[str, str]) -> None:
+    """The production index: serve and two receivers writing instances and the audit chain
+    at once (row locks instead of SQLite's one writer)."""
+    files = make_ct_study(tmp_path / "study", 24, seed=25)
+    node = GatewayNode(
+        tmp_path / "node",
+        database_url=pg_schema_url[0],
+        dicom={"receiver_processes": 3},
+        worker={"enabled": False},
+    )
+    with node:
+        chunks = [files[i::4] for i in range(4)]
+        threads = [threading.Thread(target=storescu, args=(node, chunk)) for chunk in chunks]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        rows = node.cli_json("audit", "list", "--type", "c-store", "--limit", "1000")
+        stored = {r["sop_instance_uid"] for r in rows if r["outcome"] == "success"}
+        assert stored == set(sop_instance_uids(files))
+        deadline = time.monotonic() + 10
+        while _received(node.metrics()) < len(files) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _received(node.metrics()) == len(files), node.metrics()
+    assert node.cli("audit", "verify").returncode == 0
+
+
 def test_serve_killed_takes_its_receivers_with_it(tmp_path: Path) -> None:
     files = make_ct_study(tmp_path / "study", 8, seed=23)
     node = _node(tmp_path / "node")
