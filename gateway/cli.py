@@ -140,30 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(cfg)
-        if args.command == "worker":
-            from gateway.logging import configure
-            from gateway.worker_process import run_worker
-
-            configure()
-            return run_worker(
-                cfg,
-                wake_fd=args.wake_fd,
-                ready_fd=args.ready_fd,
-                config_sha256=args.config_sha256,
-            )
-        if args.command == "receiver":
-            from gateway.logging import configure
-            from gateway.receiver_process import run_receiver
-
-            configure()
-            return run_receiver(
-                cfg,
-                index=args.index,
-                listen_fds=args.listen_fd,
-                link_fd=args.link_fd,
-                ready_fd=args.ready_fd,
-                config_sha256=args.config_sha256,
-            )
+        if args.command in ("worker", "receiver"):
+            return _child(cfg, args)
         if args.command == "keys":
             return cli_keys.run_keys(cfg, args)
         if args.command == "peers":
@@ -179,6 +157,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayError as exc:
         print(f"dicom-gateway: {exc}", file=sys.stderr)
         return 1
+
+
+def _child(cfg: GatewayConfig, args: argparse.Namespace) -> int:
+    """A process that serve starts itself: its delivery worker or a receiver."""
+    from gateway.logging import configure
+    from gateway.receiver_process import run_receiver
+    from gateway.worker_process import run_worker
+
+    configure()
+    if args.command == "worker":
+        return run_worker(
+            cfg, wake_fd=args.wake_fd, ready_fd=args.ready_fd, config_sha256=args.config_sha256
+        )
+    return run_receiver(
+        cfg,
+        index=args.index,
+        listen_fds=args.listen_fd,
+        link_fd=args.link_fd,
+        ready_fd=args.ready_fd,
+        config_sha256=args.config_sha256,
+    )
 
 
 def _serve(cfg: GatewayConfig) -> int:

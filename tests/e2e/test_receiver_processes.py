@@ -29,7 +29,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from tests.e2e.test_forward import storescu
-from tests.e2e.test_tls import make_pki
+from tests.e2e.test_tls import make_pki, tls_listener
 from tests.support.datasets import make_ct_study, sop_instance_uids
 from tests.support.node import GatewayNode, child_pid, process_gone
 
@@ -113,23 +113,32 @@ def _received(metrics: str) -> float:
     return total
 
 
+def _storescu_at_once(node: GatewayNode, files: list[Path], senders: int) -> None:
+    """``senders`` storescu processes at once, each with its share of ``files``."""
+    chunks = [files[i::senders] for i in range(senders)]
+    threads = [threading.Thread(target=storescu, args=(node, chunk)) for chunk in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
+def _wait_received(node: GatewayNode, count: int) -> None:
+    """serve's endpoint counts ``count`` stored instances, the receivers' included (their
+    files are rewritten every second)."""
+    deadline = time.monotonic() + 10
+    while _received(node.metrics()) < count and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _received(node.metrics()) == count, node.metrics()
+
+
 def test_associations_spread_over_receivers_and_limited_across_them(tmp_path: Path) -> None:
     files = make_ct_study(tmp_path / "study", 24, seed=21)
     node = _node(tmp_path / "node", max_associations=3)
     with node:
-        # three storescu at once, as many as the limit
-        chunks = [files[i::3] for i in range(3)]
-        threads = [threading.Thread(target=storescu, args=(node, chunk)) for chunk in chunks]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _storescu_at_once(node, files, 3)  # as many as the limit
         assert sorted(_stored_uids(node)) == sorted(sop_instance_uids(files))
-        # the receiver's counters reach serve's endpoint (its file is rewritten every second)
-        deadline = time.monotonic() + 10
-        while _received(node.metrics()) < len(files) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert _received(node.metrics()) == len(files), node.metrics()
+        _wait_received(node, len(files))
         receiver_file = node.state_dir / "receiver-1-metrics.prom"
         assert _received(receiver_file.read_text()) > 0, "the receiver took no association"
 
@@ -212,12 +221,7 @@ def test_receiver_killed_mid_association_loses_nothing_acknowledged(tmp_path: Pa
         replacement = child_pid(node, "receiver", exclude=[receiver])
         assert replacement != receiver
         # the node serves on, on both processes: everything sent again is stored once
-        chunks = [files[i::4] for i in range(4)]
-        threads = [threading.Thread(target=storescu, args=(node, chunk)) for chunk in chunks]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _storescu_at_once(node, files, 4)
         assert sorted(_stored_uids(node)) == sorted(sop_instance_uids(files))
         rows = node.cli_json("audit", "list", "--type", "application")
     exited = [r for r in rows if r["outcome"] == "receiver-exited"]
@@ -236,19 +240,11 @@ def test_receivers_on_postgresql(tmp_path: Path, pg_schema_url: tuple[str, str])
         worker={"enabled": False},
     )
     with node:
-        chunks = [files[i::4] for i in range(4)]
-        threads = [threading.Thread(target=storescu, args=(node, chunk)) for chunk in chunks]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        _storescu_at_once(node, files, 4)
         rows = node.cli_json("audit", "list", "--type", "c-store", "--limit", "1000")
         stored = {r["sop_instance_uid"] for r in rows if r["outcome"] == "success"}
         assert stored == set(sop_instance_uids(files))
-        deadline = time.monotonic() + 10
-        while _received(node.metrics()) < len(files) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert _received(node.metrics()) == len(files), node.metrics()
+        _wait_received(node, len(files))
     assert node.cli("audit", "verify").returncode == 0
 
 
@@ -272,17 +268,7 @@ def test_tls_listener_served_by_every_receiver(tmp_path: Path) -> None:
     files = make_ct_study(tmp_path / "study", 2, seed=24)
     node = GatewayNode(
         tmp_path / "node",
-        dicom={
-            "receiver_processes": 2,
-            "tls": {
-                "enabled": True,
-                "cert_file": str(pki.node.cert_file),
-                "key_file": str(pki.node.key_file),
-                "ca_file": str(pki.ca),
-                "handshake_timeout": 3,
-            },
-            "tls_bindings": [{"calling_ae": "MODALITY", "certificate_name": "modality"}],
-        },
+        dicom={"receiver_processes": 2, **tls_listener(pki)},
         worker={"enabled": False},
     )
     client = ssl.create_default_context(cafile=str(pki.ca))

@@ -52,21 +52,25 @@ def make_pki(root: Path) -> Pki:
 def node(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[GatewayNode]:
     """A node with plain and TLS listeners; MODALITY is bound to the certificate CN modality."""
     gateway = GatewayNode(
-        tmp_path_factory.mktemp("tls-node"),
-        dicom={
-            "tls": {
-                "enabled": True,
-                "cert_file": str(pki.node.cert_file),
-                "key_file": str(pki.node.key_file),
-                "ca_file": str(pki.ca),
-                "handshake_timeout": 3,
-            },
-            "tls_bindings": [{"calling_ae": "MODALITY", "certificate_name": "modality"}],
-        },
-        worker={"enabled": False},
+        tmp_path_factory.mktemp("tls-node"), dicom=tls_listener(pki), worker={"enabled": False}
     )
     with gateway:
         yield gateway
+
+
+def tls_listener(pki: Pki) -> dict[str, Any]:
+    """``[dicom]`` settings: plain and TLS listeners, the node's certificate, client
+    certificates of the CA required, MODALITY bound to the certificate CN modality."""
+    return {
+        "tls": {
+            "enabled": True,
+            "cert_file": str(pki.node.cert_file),
+            "key_file": str(pki.node.key_file),
+            "ca_file": str(pki.ca),
+            "handshake_timeout": 3,
+        },
+        "tls_bindings": [{"calling_ae": "MODALITY", "certificate_name": "modality"}],
+    }
 
 
 def tls_args(cert: IssuedCertificate | None, ca: Path) -> list[str]:
