@@ -183,7 +183,7 @@ def _child(cfg: GatewayConfig, args: argparse.Namespace) -> int:
 def _serve(cfg: GatewayConfig) -> int:
     from gateway.app import Node
     from gateway.logging import configure
-    from gateway.worker_process import WorkerStartError
+    from gateway.worker_process import ChildStartError
 
     configure()
     node = Node(cfg)
@@ -196,7 +196,7 @@ def _serve(cfg: GatewayConfig) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         node.start()
-    except WorkerStartError as exc:
+    except ChildStartError as exc:  # its worker or a receiver process did not start
         print(f"dicom-gateway: {exc}", file=sys.stderr)
         node.stop(grace=1.0)
         return 1

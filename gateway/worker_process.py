@@ -64,9 +64,6 @@ class ChildStartError(RuntimeError):
     """A child process of ``serve`` exited or did not say it was ready in time."""
 
 
-WorkerStartError = ChildStartError
-
-
 def config_digest(path: Path) -> str:
     """SHA-256 of the configuration file as it is now."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
