@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import ssl
 import threading
@@ -32,6 +33,7 @@ from tests.e2e.test_forward import storescu
 from tests.e2e.test_tls import make_pki, tls_listener
 from tests.support.datasets import make_ct_study, sop_instance_uids
 from tests.support.node import GatewayNode, child_pid, process_gone
+from tests.support.pdus import wait_closed
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -166,6 +168,62 @@ def test_associations_spread_over_receivers_and_limited_across_them(tmp_path: Pa
         rows = node.cli_json("audit", "list", "--type", "association")
         assert sum(r["outcome"] == "rejected" for r in rows) >= 4, rows
     assert node.cli("audit", "verify").returncode == 0
+
+
+def _connections_by_process(node: GatewayNode) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for path in (node.state_dir / "receivers").glob("*.json"):
+        try:
+            held = json.loads(path.read_text())["connections"]
+        except (OSError, ValueError):
+            continue
+        counts[int(path.stem)] = sum(held.values())
+    return counts
+
+
+def test_connections_per_address_limited_across_receivers(tmp_path: Path) -> None:
+    per_address = 4
+    node = GatewayNode(
+        tmp_path / "node",
+        allow=[{"called_ae": "GATEWAY", "calling_ae": ["*"], "addresses": ["127.0.0.0/8"]}],
+        dicom={"receiver_processes": 2, "max_connections_per_address": per_address},
+        worker={"enabled": False},
+    )
+    with node:
+        deadline = time.monotonic() + 10  # the start-up probe's connection is let go
+        while sum(_connections_by_process(node).values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        address = ("127.0.0.1", node.port)
+        held = []
+        try:
+            for _ in range(per_address):  # idle, as a flood or a stuck device leaves them
+                held.append(socket.create_connection(address, timeout=5))
+                time.sleep(0.1)  # counted before the next (the least busy process takes it)
+            counts = _connections_by_process(node)
+            assert sum(counts.values()) == per_address and min(counts.values()) >= 1, counts
+            for _ in range(4):  # the next is closed at once, whichever process takes it
+                extra = socket.create_connection(address, timeout=5)
+                waited, data = wait_closed(extra, 3.0)
+                extra.close()
+                assert data == b"" and waited < 2.0, (waited, data)
+            # another address is served meanwhile
+            ae = AE(ae_title="MODALITY")
+            ae.add_requested_context(VERIFICATION)
+            assoc = ae.associate(
+                "127.0.0.1", node.port, ae_title="GATEWAY", bind_address=("127.0.0.2", 0)
+            )
+            assert assoc.is_established, node.log()
+            assert int(assoc.send_c_echo().Status) == 0
+            assoc.release()
+        finally:
+            for sock in held:
+                sock.close()
+        # counted by whichever process closed it (a receiver's file is rewritten every second)
+        limit = 'gateway_security_events_total{kind="connection-limit-per-address"} 4.0'
+        deadline = time.monotonic() + 10
+        while limit not in node.metrics() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert limit in node.metrics(), node.metrics()
 
 
 def _send_until_killed(
