@@ -2,19 +2,14 @@
 
 SQLite runs in WAL mode with ``synchronous=FULL`` (a commit is on disk when it returns) and
 every transaction opens with ``BEGIN IMMEDIATE``, so two writers never race on a stale
-snapshot. Writers queue on :class:`WriterLock` first (the node's threads and its processes:
-serve, its worker and receiver processes), not in SQLite's busy handler. PostgreSQL runs at
-READ COMMITTED; work queues use ``FOR UPDATE SKIP LOCKED``.
+snapshot. PostgreSQL runs at READ COMMITTED; work queues use ``FOR UPDATE SKIP LOCKED``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,13 +35,10 @@ class Database:
     def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        self._writer: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if self.is_sqlite:
             path = url.split("///", 1)[1] if "///" in url else ""
-            file_backed = bool(path) and path != ":memory:" and not path.startswith("file:")
-            if file_backed:
+            if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._writer = WriterLock(Path(f"{path}.writer-lock") if file_backed else None)
             self.engine: Engine = create_engine(
                 url,
                 connect_args={"timeout": busy_timeout, "check_same_thread": False},
@@ -63,6 +55,12 @@ class Database:
                 connect_args={"connect_timeout": max(1, int(busy_timeout))},
             )
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time and every transaction here begins IMMEDIATE: queue
+        # the node's own threads on a lock rather than in SQLite's sleeping busy handler,
+        # which backs off for milliseconds per retry under concurrent associations.
+        self._writer: contextlib.AbstractContextManager[object] = (
+            threading.RLock() if self.is_sqlite else contextlib.nullcontext()
+        )
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -101,51 +99,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-class WriterLock:
-    """SQLite has one writer at a time and every transaction here begins IMMEDIATE: the
-    node's writers queue here rather than in SQLite's busy handler, which sleeps 1, 2, 5,
-    10, ... 100 ms between retries and leaves the write lock idle while they sleep (with
-    four receiver processes on two cores, 104-147 inst/s against 129-175 with this lock).
-
-    Threads queue on a reentrant lock (a session may open inside another on one thread);
-    processes on ``flock`` of ``path`` (``<database>.writer-lock``), taken by the outermost
-    holder. Both wait as long as the holder holds, as the thread lock alone did; a process
-    that dies holding it lets go. Where the lock file cannot be made (a read-only folder),
-    processes queue in SQLite's busy handler as before."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._threads = threading.RLock()
-        self._depth = 0
-        self._fd = -1
-        if path is not None:
-            try:
-                self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                weakref.finalize(self, os.close, self._fd)
-            except OSError as exc:
-                log.warning(
-                    "index writer lock file not usable; writers of other processes wait in "
-                    "SQLite's busy handler",
-                    extra={"path": str(path), "error": exc.__class__.__name__},
-                )
-
-    def __enter__(self) -> WriterLock:
-        self._threads.acquire()
-        try:
-            if self._depth == 0 and self._fd >= 0:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._threads.release()
-            raise
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._fd >= 0:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._threads.release()
 
 
 def _sqlite_setup(engine: Engine) -> None:
