@@ -6,7 +6,6 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -183,17 +182,14 @@ def _child(cfg: GatewayConfig, args: argparse.Namespace) -> int:
 def _serve(cfg: GatewayConfig) -> int:
     from gateway.app import Node
     from gateway.logging import configure
-    from gateway.worker_process import ChildStartError
+    from gateway.worker_process import ChildStartError, stop_signals
 
     configure()
     node = Node(cfg)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # new associations refused as soon as a stop is asked for, by each process
+    stop = stop_signals(
+        [signal.SIGTERM, signal.SIGINT], at_once=node.server.refuse_new_associations
+    )
     try:
         node.start()
     except ChildStartError as exc:  # its worker or a receiver process did not start
@@ -206,11 +202,7 @@ def _serve(cfg: GatewayConfig) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # with a timeout: a signal the kernel hands to another thread only sets a flag, and
-    # the handler runs when the main thread next runs Python code; a wait without one
-    # never wakes up to run it (SIGTERM then went unnoticed until the SIGKILL)
-    while not stop.wait(0.5):
-        pass
+    stop.wait()  # stop_signals wakes it whichever thread the kernel gave the signal to
     node.stop()
     return 0
 

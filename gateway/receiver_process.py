@@ -156,4 +156,5 @@ def run_receiver(
         ready_fd=ready_fd,
         metrics_path=cfg.state_dir / metrics_file(index),
         stop=node.stop_receiver,
+        at_once=node.server.refuse_new_associations,
     )

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -308,6 +308,45 @@ def config_unchanged(cfg: GatewayConfig, config_sha256: str) -> bool:
     return True
 
 
+def stop_signals(
+    signals: Sequence[signal.Signals], *, at_once: Callable[[], None] = lambda: None
+) -> threading.Event:
+    """An event set as soon as one of ``signals`` arrives, ``at_once`` called first.
+
+    Python runs a signal handler in the main thread, when that thread next runs Python
+    code: a signal the kernel hands to another thread waits until the main thread's wait
+    times out, and a main thread held up (a slow write) holds the stop up with it; a
+    receiver process went on accepting associations meanwhile. Here the C-level handler's
+    write to :func:`signal.set_wakeup_fd` wakes a thread of our own at once, whichever
+    thread took the signal; it calls ``at_once`` (say, refuse new associations) and sets the
+    event, which wakes the main thread's wait. Call from the main thread, once per process.
+    """
+    stopping = threading.Event()
+    wanted = {int(s) for s in signals}
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.set()
+
+    for s in signals:
+        signal.signal(s, on_signal)
+
+    def watch() -> None:
+        while True:
+            try:
+                data = os.read(wake_r, 64)
+            except InterruptedError:
+                continue
+            if wanted.intersection(data):
+                at_once()
+                stopping.set()
+
+    threading.Thread(target=watch, name="stop-signals", daemon=True).start()
+    return stopping
+
+
 def run_child(
     node: Node,
     *,
@@ -317,18 +356,15 @@ def run_child(
     ready_fd: int,
     metrics_path: Path,
     stop: Callable[[], None],
+    at_once: Callable[[], None] = lambda: None,
 ) -> int:
     """A child's life: ``start``, then ready said on ``ready_fd``; its metrics written to
     ``metrics_path`` every second; ``on_data`` for what ``serve`` writes to ``link_fd``,
     whose end of file means ``serve`` is gone (the child then ends at once, as if killed
-    with it: nothing here is acknowledged that is not durable); ``stop`` on SIGTERM."""
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
+    with it: nothing here is acknowledged that is not durable); on SIGTERM ``at_once``
+    right away (:func:`stop_signals`), then ``stop``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches serve, which stops us
+    stopping = stop_signals([signal.SIGTERM], at_once=at_once)
     start()
 
     def watch_serve() -> None:
@@ -344,7 +380,6 @@ def run_child(
     threading.Thread(target=watch_serve, name="serve-watch", daemon=True).start()
     os.write(ready_fd, b"\1")
     os.close(ready_fd)
-    # with a timeout: see gateway.cli._serve (a signal handled only when Python runs)
     while not stopping.wait(METRICS_INTERVAL):
         write_metrics(node, metrics_path)
     stop()

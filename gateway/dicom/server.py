@@ -780,12 +780,17 @@ class DicomServer:
             with self._handshaking_lock:
                 self._handshaking -= 1
 
+    def refuse_new_associations(self) -> None:
+        """From now on every association is rejected, transient (the first step of
+        :meth:`stop`, taken as soon as a stop is asked for)."""
+        self.stopping = True
+
     def stop(self, grace: float = 10.0) -> None:
         """Graceful stop (FAULTS F17): new associations are refused with A-ASSOCIATE-RJ
         transient (2, 3, 1) while the associations in progress get ``grace`` s to finish;
         then the listeners close and whatever is left is aborted. Nothing is answered
         0x0000 that is not durable, so an aborted association loses nothing acknowledged."""
-        self.stopping = True
+        self.refuse_new_associations()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(
             a.is_acceptor and a.is_alive() and a.is_established for a in self.ae.active_associations
