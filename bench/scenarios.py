@@ -233,7 +233,13 @@ def _ingest_once(
 
 
 INGEST_NODES = ("node", "node-rx2")
-INGEST_ORDER = (*INGEST_NODES, "dcmtk-storescp", "dcmtk-storescp-ignore", "orthanc", "pynetdicom-scp")
+INGEST_ORDER = (
+    *INGEST_NODES,
+    "dcmtk-storescp",
+    "dcmtk-storescp-ignore",
+    "orthanc",
+    "pynetdicom-scp",
+)
 
 DURABILITY_INSTANCES = 20
 """Instances each receiver gets in the untimed traced run (:mod:`bench.durability`)."""
@@ -428,6 +434,17 @@ def _e2e_middle(
     return [NodeReceiver.configured(root / "node", options, name=system)]
 
 
+def _check_running(system: str, nodes: Sequence[GatewayNode]) -> None:
+    """A forwarding node that has exited fails the run at once, with its log's end: its
+    start waits only for its first port, and the run would otherwise wait out its timeout
+    for instances that cannot arrive."""
+    for node in nodes:
+        if node.proc is not None and node.proc.poll() is not None:
+            raise RunFailed(
+                f"{system}: node {node.node_name} exited ({node.proc.returncode})\n{node.log(10)}"
+            )
+
+
 def _e2e_once(
     settings: Settings, system: str, ds: data.DataSet, label: str, keys: Path | None = None
 ) -> dict[str, float]:
@@ -463,6 +480,7 @@ def _e2e_once(
             if held >= ds.instances:
                 done = time.perf_counter() - t0
                 break
+            _check_running(system, [n.node for n in nodes])
             if now > deadline:
                 raise RunFailed(f"{system}: destination holds {held} of {ds.instances}")
             time.sleep(0.05)
@@ -871,6 +889,7 @@ def _transfer_once(
             if held >= ds.instances:
                 done = time.perf_counter() - t0
                 break
+            _check_running(system, [a, b])
             if now > deadline:
                 raise RunFailed(f"{system}: node B holds {held} of {ds.instances}\n{a.log(5)}")
             time.sleep(0.05)

@@ -301,3 +301,19 @@ def test_sealed_transfer_offline(tmp_path: Path) -> None:
         return
     assert charts == ["sealed_transfer.png"]
     assert (tmp_path / "sealed_transfer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_forwarding_node_that_exited_fails_the_run_at_once(tmp_path: Path) -> None:
+    """A run whose forwarding node has exited fails naming it, instead of waiting out its
+    timeout for instances that cannot arrive (a smoke run once timed out so)."""
+    from bench.scenarios import RunFailed, _check_running
+    from tests.support.node import GatewayNode
+
+    alive = GatewayNode(tmp_path / "a", name="node-a")
+    gone = GatewayNode(tmp_path / "b", name="node-b")
+    gone.log_path.write_text("peer endpoint did not start\n")
+    gone.proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    gone.proc.wait(10)
+    _check_running("node-peer-stream", [alive])  # not started: nothing to say
+    with pytest.raises(RunFailed, match=r"node node-b exited \(1\)\n.*did not start"):
+        _check_running("node-peer-stream", [alive, gone])
