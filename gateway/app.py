@@ -137,12 +137,12 @@ class Node:
         self.router = Router(cfg, db=self.db, clock=self.clock, metrics=self.metrics)
         self.query_retrieve = self._query_retrieve()
         # several receiver processes: the limits counted across them (serve starts afresh)
-        self.ledger_dir = cfg.state_dir / ledger.LEDGER_DIR
+        ledger_dir = cfg.state_dir / ledger.LEDGER_DIR
         connection_ledger: ledger.ConnectionLedger | None = None
         if cfg.dicom.receiver_processes > 1 and role in ("serve", "receiver"):
             if role == "serve":
-                ledger.reset(self.ledger_dir)
-            connection_ledger = ledger.ConnectionLedger(self.ledger_dir, receiver_index)
+                ledger.reset(ledger_dir)
+            connection_ledger = ledger.ConnectionLedger(ledger_dir, receiver_index)
         self.receivers: list[ReceiverProcess] = []
         self.server = DicomServer(
             cfg.dicom,

@@ -102,8 +102,6 @@ class ReceiverProcess(ChildProcess):
         while True:
             try:
                 data = link.recv(4096)
-            except InterruptedError:
-                continue
             except OSError:  # closed here (stop, or the receiver gone)
                 return
             if not data:

@@ -334,11 +334,8 @@ def stop_signals(
         signal.signal(s, on_signal)
 
     def watch() -> None:
-        while True:
-            try:
-                data = os.read(wake_r, 64)
-            except InterruptedError:
-                continue
+        while True:  # os.read is retried on EINTR by Python itself (PEP 475)
+            data = os.read(wake_r, 64)
             if wanted.intersection(data):
                 at_once()
                 stopping.set()
@@ -369,10 +366,7 @@ def run_child(
 
     def watch_serve() -> None:
         while True:
-            try:
-                data = os.read(link_fd, 4096)
-            except InterruptedError:
-                continue
+            data = os.read(link_fd, 4096)
             if not data:  # serve is gone: end as it ended
                 os._exit(70)
             on_data()

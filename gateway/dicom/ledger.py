@@ -9,7 +9,7 @@ own counts here and, when they change, rewrites its file in ``<state_dir>/receiv
 ``.lock`` there, with a thread lock, as ``flock`` does not exclude threads sharing a
 descriptor), so two processes admitting at the same moment cannot both pass a limit that
 only one fits. A receiver that dies holds nothing: its sockets close with it, and ``serve``
-removes its file before starting another (:meth:`ConnectionLedger.forget`).
+removes its file before starting another (:func:`forget`).
 
 With one process the ledger holds the counts in memory only, and nothing is read or written.
 These are runtime counts: written without fsync, and the folder is emptied at start.
