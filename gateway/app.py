@@ -42,6 +42,11 @@ from gateway.worker_process import METRICS_FILE, ChildWakeup, WorkerProcess
 
 log = logging.getLogger(__name__)
 
+GAUGE_INTERVAL = 1.0
+"""Seconds between refreshes of the delivery gauges (deliveries by state, the oldest
+unfinished one's age): two queries over the deliveries table, which a ``routing_interval``
+below a second would otherwise repeat with every look for quiet studies."""
+
 
 class Node:
     """The node's parts. ``role`` "serve" is the node (listeners, ingest, router, metrics
@@ -328,11 +333,14 @@ class Node:
 
     def _housekeep(self) -> None:
         last_sweep = 0.0
+        last_gauges = -GAUGE_INTERVAL
         while not self._stop.is_set():
             try:
                 if self.router.run_once():
                     self.worker.wakeup.set()
-                self.router.update_gauges()
+                if time.monotonic() - last_gauges >= GAUGE_INTERVAL:
+                    last_gauges = time.monotonic()
+                    self.router.update_gauges()
                 if isinstance(self.clock, SystemClock):  # F19: how far the system clock moved
                     self.metrics.clock_offset.set(self.clock.wall_offset())
                 if time.monotonic() - last_sweep > 60:
