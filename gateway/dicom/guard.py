@@ -206,8 +206,11 @@ class GuardedDIMSE(DIMSEServiceProvider):
     def send_msg(self, primitive: Any, context_id: int) -> None:
         """A C-STORE response from :func:`gateway.dicom.commands.store_response` (pydicom's
         bytes, not built and encoded twice) when it fits one PDU and nothing listens for
-        EVT_DIMSE_SENT (that event carries pynetdicom's message object); anything else as
-        pynetdicom sends it."""
+        EVT_DIMSE_SENT (that event carries pynetdicom's message object); a C-GET's C-STORE
+        sub-operation from its file by :func:`gateway.dicom.commands.send_file_store`;
+        anything else as pynetdicom sends it."""
+        if commands.send_file_store(self, primitive, context_id):
+            return
         encoded = None
         if (
             isinstance(primitive, C_STORE)

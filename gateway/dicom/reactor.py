@@ -43,8 +43,11 @@ from typing import Any, TypeVar, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
+
+from gateway.dicom import commands
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class BoundedRequestor(Association, metaclass=_AnyAssociation):
         # which a DIMSE message set too (a C-GET's C-STORE sub-operations come that way)
         self.gateway_activity = threading.Event()
         self.dul = WakingDUL(self, activity=self.gateway_activity)
+        self.dimse = _FileStoreDIMSE(self)
         self.dimse.msg_queue = WakingQueue(self.gateway_activity.set)
         self.acse_timeout = self.acse_timeout  # the timers of the DUL it replaced
         self.network_timeout = self.network_timeout
@@ -130,6 +134,15 @@ class BoundedRequestor(Association, metaclass=_AnyAssociation):
         except RuntimeError:
             self.abort()
             raise
+
+
+class _FileStoreDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, sending a C-STORE-RQ of a file (a delivery's, a C-MOVE
+    sub-operation's) by :func:`gateway.dicom.commands.send_file_store`."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if not commands.send_file_store(self, primitive, context_id):
+            super().send_msg(primitive, context_id)
 
 
 def with_memory(make: Callable[[], T], *, until: float | None = None) -> T:

@@ -1,21 +1,25 @@
 """gateway.dicom.commands encodes a C-STORE-RSP exactly as pynetdicom does, and GuardedDIMSE
-sends it in the P-DATA pynetdicom would send; other messages take pynetdicom's path."""
+sends it in the P-DATA pynetdicom would send; a C-STORE-RQ sent from a file (a delivery, a
+C-MOVE or C-GET sub-operation) goes out in the same P-DATA as pynetdicom's; other messages
+take pynetdicom's path."""
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from pydicom.uid import UID
 from pynetdicom import _config, evt
-from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
+from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 
 from gateway.dicom import commands
 from gateway.dicom.guard import GuardedDIMSE
+from gateway.dicom.reactor import _FileStoreDIMSE
 from gateway.dicom.server import _any_uid_text
 
 INSTANCES = (
@@ -133,3 +137,77 @@ def test_requests_and_other_messages_take_pynetdicoms_path() -> None:
     assert [p.presentation_data_value_list for p in sent] == [
         p.presentation_data_value_list for p in msg.encode_msg(1, 16384)
     ]
+
+
+def _request(instance: str, message_id: int, **extra: Any) -> C_STORE:
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = instance
+    req.Priority = 2
+    for key, value in extra.items():
+        setattr(req, key, value)
+    return req
+
+
+def _pynetdicom_request(primitive: C_STORE, max_pdu: int) -> list[Any]:
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(primitive)
+    return [p.presentation_data_value_list for p in msg.encode_msg(1, max_pdu)]
+
+
+MOVED = ({}, {"MoveOriginatorApplicationEntityTitle": "WORKSTATION", "MoveOriginatorMessageID": 9})
+
+
+@pytest.mark.parametrize("instance", INSTANCES)
+@pytest.mark.parametrize("moved", MOVED)
+def test_request_same_bytes_as_pynetdicom(instance: str, moved: dict[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for message_id in (1, 7, 255, 65535):
+            for priority in (0, 1, 2):
+                primitive = _request(instance, message_id, Priority=priority, **moved)
+                primitive._dataset_path = (Path("x.dcm"), 0)
+                msg = C_STORE_RQ()
+                msg.primitive_to_message(primitive)
+                expected = encode(msg.command_set, True, True)
+                assert commands.store_request(primitive) == expected
+                assert commands.store_request(primitive) == expected  # from the cache
+
+
+@pytest.mark.parametrize("size", [0, 1, 16378, 16379, 50_000])
+@pytest.mark.parametrize("max_pdu", [0, 16384, 262144])
+@pytest.mark.parametrize("moved", MOVED)
+def test_file_request_sent_as_pynetdicom_sends_it(
+    tmp_path: Path, size: int, max_pdu: int, moved: dict[str, Any]
+) -> None:
+    """The command set in one P-DATA, then the data set read from the file past its offset,
+    in fragments of the peer's maximum PDU, flagged 0x00 and the last 0x02: the P-DATA
+    pynetdicom's encode_msg yields, for sizes on and around a fragment's boundary."""
+    offset = 132 + 60  # preamble and some file meta, which are not sent
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(bytes(range(256)) * ((offset + size) // 256 + 1))
+    path.write_bytes(path.read_bytes()[: offset + size])
+    primitive = _request(INSTANCES[2], 3, **moved)
+    primitive._dataset_path = (path, offset)
+    expected = _pynetdicom_request(primitive, max_pdu)
+    sent: list[Any] = []
+    assoc = _Assoc(
+        is_requestor=True,
+        acceptor=SimpleNamespace(maximum_length=max_pdu),
+        dul=SimpleNamespace(send_pdu=sent.append),
+        handlers={},
+    )
+    dimse = _FileStoreDIMSE(assoc)
+    dimse.send_msg(primitive, 1)
+    assert [p.presentation_data_value_list for p in sent] == expected
+    assert len(sent) >= 2
+
+
+def test_a_request_without_a_file_takes_pynetdicoms_path() -> None:
+    """A C-STORE-RQ of an in-memory data set (no ``_dataset_path``) is not ours to send."""
+    primitive = _request("1.2.3", 1)
+    assert not commands.send_file_store(SimpleNamespace(), primitive, 1)
+    response = _response("1.2.3", 0)
+    response._dataset_path = (Path("x.dcm"), 0)
+    assert not commands.send_file_store(SimpleNamespace(), response, 1)
