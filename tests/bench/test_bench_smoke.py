@@ -7,8 +7,10 @@ shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,10 +19,14 @@ from typing import Any
 
 import pytest
 
+from tests.support.node import child_pids
 from tests.support.peers import in_private_netns
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "bench" / "run"
+STOP_GRACE = 15
+"""Seconds a harness that overran gets to stop what it started after SIGTERM; each test's
+pytest timeout leaves this and a margin after the harness's own."""
 
 
 def _can_unshare() -> bool:
@@ -30,31 +36,75 @@ def _can_unshare() -> bool:
         return False
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (nodes and peers run in sessions of their own, so a
+    process group would not hold them)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        children = child_pids(todo.pop())
+        found.extend(children)
+        todo.extend(children)
+    return found
+
+
+def _stop_harness(proc: subprocess.Popen[str]) -> list[int]:
+    """A harness that overran its time: SIGTERM, on which it stops what it started;
+    after :data:`STOP_GRACE` whatever of it is left is SIGKILLed by pid, the harness last (its
+    processes, once orphaned, could no longer be found through it). Returns the pids
+    found below it when it was stopped."""
+    started = _descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.communicate(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        for pid in [*_descendants(proc.pid), *started]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.communicate()
+    for pid in started:  # what the harness left behind although it exited
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return started
+
+
 def _positive(summary: dict[str, dict[str, float]], key: str) -> None:
     stats = summary[key]
     assert set(stats) == {"median", "min", "max"}, stats
     assert 0 < stats["min"] <= stats["median"] <= stats["max"], (key, stats)
 
 
-def _run_bench(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
-    """``bench/run --scale 0.004 --repeat 1 ARGS`` into ``tmp_path``; its latest.json."""
+def _start_harness(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """``bench/run --scale 0.004 --repeat 1 ARGS`` into ``tmp_path``, started."""
     if not in_private_netns() and not _can_unshare():
         pytest.skip("needs a private network namespace (scripts/test) or unshare -n")
-    out = tmp_path / "results"
-    proc = subprocess.run(
+    return subprocess.Popen(
         [
             str(RUN),
             *("--scale", "0.004", "--repeat", "1"),
             *args,
-            *("--out", str(out), "--work", str(tmp_path / "work")),
+            *("--out", str(tmp_path / "results"), "--work", str(tmp_path / "work")),
         ],
         cwd=REPO,
         env={**os.environ, "BENCH_SKIP_BOOTSTRAP": "1"},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+def _run_bench(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
+    """``bench/run --scale 0.004 --repeat 1 ARGS`` into ``tmp_path``; its latest.json. A run
+    past ``timeout`` is stopped with everything it started, then fails the test."""
+    proc = _start_harness(tmp_path, *args)
+    out = tmp_path / "results"
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_harness(proc)
+        raise
+    assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     doc: dict[str, Any] = json.loads((out / "latest.json").read_text())
     return doc
 
@@ -71,7 +121,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "--systems",
         "node,node-rx2,dcmtk-storescp-ignore,node-stream,direct,node-basic-file,dicognito,"
         "pydicom-deid",
-        timeout=110,
+        timeout=95,
     )
     elapsed = time.monotonic() - started
     assert elapsed < 60, f"smoke run took {elapsed:.0f} s"
@@ -156,7 +206,7 @@ def test_bench_smoke_e2e_peer(tmp_path: Path) -> None:
     doc = _run_bench(
         tmp_path,
         *("--scenarios", "e2e", "--systems", ",".join([*systems, "direct"]), "--no-charts"),
-        timeout=110,
+        timeout=95,
     )
 
     e2e = doc["scenarios"]["e2e"]["result"]
@@ -197,7 +247,7 @@ def test_bench_smoke_pixels_scale(tmp_path: Path) -> None:
     """Scenarios 4 and 6 at their smallest (2 frames per cine; 2 and 4 CT instances)."""
     out = tmp_path / "results"
     doc = _run_bench(
-        tmp_path, *("--scenarios", "pixels,scale", "--scale-factors", "1,2"), timeout=140
+        tmp_path, *("--scenarios", "pixels,scale", "--scale-factors", "1,2"), timeout=125
     )
 
     pixels = doc["scenarios"]["pixels"]["result"]
@@ -317,3 +367,40 @@ def test_a_forwarding_node_that_exited_fails_the_run_at_once(tmp_path: Path) -> 
     _check_running("node-peer-stream", [alive])  # not started: nothing to say
     with pytest.raises(RunFailed, match=r"node node-b exited \(1\)\n.*did not start"):
         _check_running("node-peer-stream", [alive, gone])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"  # exited, not yet reaped by its new parent
+
+
+@pytest.mark.timeout(120)
+def test_a_harness_stopped_midway_leaves_no_process(tmp_path: Path) -> None:
+    """What a smoke run that overran does: the harness is stopped in the middle of an
+    end-to-end run (a node, its worker and two Orthancs up), and nothing it started is
+    left running (nodes and peers run in sessions of their own, out of its process group)."""
+    proc = _start_harness(tmp_path, "--scenarios", "e2e", "--systems", "node-stream,direct")
+    deadline = time.monotonic() + 60
+    nodes: list[int] = []
+    while not nodes:
+        assert proc.poll() is None, f"harness ended first:\n{proc.communicate()}"
+        assert time.monotonic() < deadline, "no node started within 60 s"
+        time.sleep(0.05)
+        nodes = [p for p in _descendants(proc.pid) if "dicom-gateway" in _cmdline(p)]
+    started = _stop_harness(proc)
+    assert set(nodes) <= set(started)
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in started):
+        assert time.monotonic() < deadline, [_cmdline(p) for p in started if not _gone(p)]
+        time.sleep(0.1)
+    assert proc.poll() is not None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
