@@ -83,6 +83,8 @@ class Worker:
         self.name = name
         self.wakeup = threading.Event()
         self._stop = threading.Event()
+        self._poll_lock = threading.Lock()
+        self._last_poll = -float("inf")
         self._threads: list[threading.Thread] = []
         self.capacity = {d.name: d.max_associations for d in cfg.destinations}
 
@@ -107,20 +109,35 @@ class Worker:
                 close()
 
     def _loop(self, worker_id: str) -> None:
+        look = True  # the first look, after work or a wake-up: always
         while not self._stop.is_set():
-            try:
-                worked = self.run_once(worker_id)
-            except IndexError_:
-                log.warning("index unavailable; worker backing off", exc_info=True)
-                worked = False
-            except Exception:  # thread boundary: a bug must not kill the worker thread
-                log.exception("worker iteration failed")
-                worked = False
+            worked = False
+            if look or self._poll_turn():
+                try:
+                    worked = self.run_once(worker_id)
+                except IndexError_:
+                    log.warning("index unavailable; worker backing off", exc_info=True)
+                except Exception:  # thread boundary: a bug must not kill the worker thread
+                    log.exception("worker iteration failed")
+            look = worked
             if not worked and self.wakeup.wait(self.cfg.worker.poll_interval):
                 self.wakeup.clear()
                 # woken by a streamed instance (or a routed study): a streaming delivery is
                 # claimable only after its linger, so look again then
                 self._stop.wait(deliveries.STREAM_LINGER.total_seconds())
+                look = True
+
+    def _poll_turn(self) -> bool:
+        """Whether an idle thread whose wait ran out looks for due work now: one look per
+        ``poll_interval`` for all threads together (deliveries whose retry time came, leases
+        that ran out). Each thread's wait runs out every interval; without this every idle
+        thread looked, ``threads`` queries per interval where one finds the same."""
+        now = time.monotonic()
+        with self._poll_lock:
+            if now - self._last_poll < self.cfg.worker.poll_interval * 0.9:
+                return False
+            self._last_poll = now
+            return True
 
     # --- one delivery ----------------------------------------------------------------------
     def run_once(self, worker_id: str) -> bool:
