@@ -431,10 +431,17 @@ def run_acceptor_reactor(assoc: Any) -> None:
             activity.wait(IDLE_WAIT)
         activity.clear()  # before looking: a put after this sets it again
 
-        # paused while a handler sends on this association itself (send_* methods)
-        assoc._is_paused = True
-        assoc._reactor_checkpoint.wait()
-        assoc._is_paused = False
+        # paused while a handler sends on this association itself (send_* methods). The
+        # checkpoint is looked at again once the flag is down: a sender clears it, then
+        # waits for the flag; one that cleared it just after the wait returned saw the flag
+        # still up and is sending, and its response must be left for it (taken here, it was
+        # "unexpected" and the sender waited out its DIMSE timeout)
+        while True:
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc._is_paused = False
+            if assoc._reactor_checkpoint.is_set():
+                break
 
         context_id, msg = assoc.dimse.get_msg(block=False)
         if msg:
