@@ -338,8 +338,8 @@ class Node:
             try:
                 if self.router.run_once():
                     self.worker.wakeup.set()
-                if time.monotonic() - last_gauges >= GAUGE_INTERVAL:
-                    last_gauges = time.monotonic()
+                if (now := time.monotonic()) - last_gauges >= GAUGE_INTERVAL:
+                    last_gauges = now
                     self.router.update_gauges()
                 if isinstance(self.clock, SystemClock):  # F19: how far the system clock moved
                     self.metrics.clock_offset.set(self.clock.wall_offset())

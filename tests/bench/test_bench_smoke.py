@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.node import child_pids
+from tests.support.node import child_pids, process_gone
 from tests.support.peers import in_private_netns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def _stop_harness(proc: subprocess.Popen[str]) -> list[int]:
     try:
         proc.communicate(timeout=STOP_GRACE)
     except subprocess.TimeoutExpired:
-        for pid in [*_descendants(proc.pid), *started]:
+        for pid in _descendants(proc.pid):  # started since (``started`` follows)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.kill()
@@ -369,14 +369,6 @@ def test_a_forwarding_node_that_exited_fails_the_run_at_once(tmp_path: Path) -> 
         _check_running("node-peer-stream", [alive, gone])
 
 
-def _gone(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"  # exited, not yet reaped by its new parent
-
-
 @pytest.mark.timeout(120)
 def test_a_harness_stopped_midway_leaves_no_process(tmp_path: Path) -> None:
     """What a smoke run that overran does: the harness is stopped in the middle of an
@@ -393,9 +385,8 @@ def test_a_harness_stopped_midway_leaves_no_process(tmp_path: Path) -> None:
     started = _stop_harness(proc)
     assert set(nodes) <= set(started)
     deadline = time.monotonic() + 10
-    while not all(_gone(pid) for pid in started):
-        assert time.monotonic() < deadline, [_cmdline(p) for p in started if not _gone(p)]
-        time.sleep(0.1)
+    left = [p for p in started if not process_gone(p, max(0.0, deadline - time.monotonic()))]
+    assert not left, [_cmdline(p) for p in left]
     assert proc.poll() is not None
 
 

@@ -69,19 +69,18 @@ class Refusing:
         raise RetryableError("connection refused")
 
 
-@pytest.fixture
-def cfg(tmp_path: Path) -> GatewayConfig:
+def worker_config(tmp_path: Path, worker: str, route: str = "") -> GatewayConfig:
+    """A node with ``[worker]`` settings ``worker`` (TOML lines), one destination "pacs"
+    (nothing listens there) and a route "all" to it with ``route``'s extra lines."""
     path = tmp_path / "gateway.toml"
     path.write_text(
         f"""
 [node]
-name = "clock-test"
+name = "worker-test"
 state_dir = "{tmp_path / "state"}"
 
 [worker]
-backoff_initial = 60
-backoff_max = 600
-lease_seconds = 120
+{worker}
 
 [[destinations]]
 name = "pacs"
@@ -92,10 +91,19 @@ port = 104
 [[routes]]
 name = "all"
 destinations = ["pacs"]
-quiet_seconds = 30
+{route}
 """
     )
     return load_config(path)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> GatewayConfig:
+    return worker_config(
+        tmp_path,
+        "backoff_initial = 60\nbackoff_max = 600\nlease_seconds = 120",
+        "quiet_seconds = 30",
+    )
 
 
 def _instance(db: Database, now: datetime, study: str = "1.2.3") -> int:

@@ -16,14 +16,10 @@ from sqlalchemy import event
 
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig
-from gateway.config.loader import load_config
 from gateway.index import deliveries
 from gateway.index.db import Database
 from gateway.index.models import Delivery
-from gateway.metrics import Metrics
-from gateway.spool.store import Spool
-from gateway.transfer.worker import Worker
-from tests.unit.test_clock_jumps import Refusing, _instance
+from tests.unit.test_clock_jumps import Refusing, _instance, _worker, worker_config
 
 POLL = 0.1
 THREADS = 4
@@ -31,30 +27,9 @@ THREADS = 4
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> GatewayConfig:
-    path = tmp_path / "gateway.toml"
-    path.write_text(
-        f"""
-[node]
-name = "poll-test"
-state_dir = "{tmp_path / "state"}"
-
-[worker]
-threads = {THREADS}
-poll_interval = {POLL}
-backoff_initial = 600
-
-[[destinations]]
-name = "pacs"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = 104
-
-[[routes]]
-name = "all"
-destinations = ["pacs"]
-"""
+    return worker_config(
+        tmp_path, f"threads = {THREADS}\npoll_interval = {POLL}\nbackoff_initial = 600"
     )
-    return load_config(path)
 
 
 class _Looks:
@@ -71,20 +46,9 @@ class _Looks:
                 self.count += 1
 
 
-def _worker(cfg: GatewayConfig, db: Database, dest: Refusing) -> Worker:
-    return Worker(
-        cfg,
-        db=db,
-        spool=Spool(cfg.spool_dir),
-        clock=SystemClock(),
-        metrics=Metrics(),
-        destinations={"pacs": dest},
-    )
-
-
 def test_idle_threads_look_once_per_interval_together(cfg: GatewayConfig, db: Database) -> None:
     looks = _Looks(db)
-    worker = _worker(cfg, db, Refusing())
+    worker = _worker(cfg, db, SystemClock(), Refusing())
     worker.start()
     try:
         time.sleep(0.5)  # the first look of each thread
@@ -101,8 +65,8 @@ def test_a_delivery_falling_due_is_found_and_a_wake_up_looks_at_once(
     cfg: GatewayConfig, db: Database
 ) -> None:
     dest = Refusing()
-    worker = _worker(cfg, db, dest)
     clock = SystemClock()
+    worker = _worker(cfg, db, clock, dest)
     now = clock.now()
     with db.session() as s:
         delivery = deliveries.create(
