@@ -43,9 +43,14 @@ from gateway.worker_process import METRICS_FILE, ChildWakeup, WorkerProcess
 log = logging.getLogger(__name__)
 
 GAUGE_INTERVAL = 1.0
-"""Seconds between refreshes of the delivery gauges (deliveries by state, the oldest
-unfinished one's age): two queries over the deliveries table, which a ``routing_interval``
-below a second would otherwise repeat with every look for quiet studies."""
+"""Seconds between refreshes of the delivery gauges (unfinished deliveries by state, the
+oldest one's age): two queries, which a ``routing_interval`` below a second would otherwise
+repeat with every look for quiet studies."""
+ENDED_GAUGE_INTERVAL = 10.0
+"""Seconds between counts of the deliveries in the states a delivery ends in (delivered,
+failed, quarantined, ...): every delivery ever made, one index entry read per delivery
+(45 ms at a million on SQLite; with the unfinished ones every second, that was 4.5 % of a
+core, and the oldest one's age, found with ``NOT IN``, another 21 %)."""
 
 
 class Node:
@@ -334,13 +339,17 @@ class Node:
     def _housekeep(self) -> None:
         last_sweep = 0.0
         last_gauges = -GAUGE_INTERVAL
+        last_ended = -ENDED_GAUGE_INTERVAL
         while not self._stop.is_set():
             try:
                 if self.router.run_once():
                     self.worker.wakeup.set()
                 if (now := time.monotonic()) - last_gauges >= GAUGE_INTERVAL:
                     last_gauges = now
-                    self.router.update_gauges()
+                    ended = now - last_ended >= ENDED_GAUGE_INTERVAL
+                    if ended:
+                        last_ended = now
+                    self.router.update_gauges(ended=ended)
                 if isinstance(self.clock, SystemClock):  # F19: how far the system clock moved
                     self.metrics.clock_offset.set(self.clock.wall_offset())
                 if time.monotonic() - last_sweep > 60:
