@@ -61,6 +61,10 @@ _VERSIONS = select(_INSTANCES.c.version, _INSTANCES.c.sha256).where(
 )
 _INSERT_INSTANCE = insert(_INSTANCES).returning(_INSTANCES.c.id)
 _INSERT_CANDIDATES = insert(_ROUTE_CANDIDATES)
+_SPOOL_KEYS = select(_INSTANCES.c.spool_key).where(
+    _INSTANCES.c.spool_key.in_(bindparam("keys", expanding=True))
+)
+_KEY_BATCH = 500
 _STUDY_WHERE = _STUDIES.c.study_instance_uid == bindparam("uid")
 _STUDY_MODALITIES = select(_STUDIES.c.modalities).where(_STUDY_WHERE).with_for_update()
 _SET_MODALITIES = update(_STUDIES).where(_STUDY_WHERE).values(modalities=bindparam("modalities"))
@@ -556,11 +560,19 @@ class IngestService:
     # --- start-up -----------------------------------------------------------------------
     def recover(self) -> int:
         """Remove spool files no index row names (crash before commit); return how many."""
-        with self.db.session() as s:
-            known = set(s.execute(select(Instance.spool_key)).scalars())
-        removed = self.spool.remove_orphans(known)
+        removed = self.spool.remove_orphans(self._indexed)
         removed += self.spool.sweep_incoming(older_than=0, now=time.time())
         return removed
+
+    def _indexed(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` (spool keys) an instance row names, looked up through the
+        unique index on ``spool_key`` in batches."""
+        found: set[str] = set()
+        with self.db.read() as s:
+            for i in range(0, len(keys), _KEY_BATCH):
+                batch = keys[i : i + _KEY_BATCH]
+                found.update(s.execute(_SPOOL_KEYS, {"keys": batch}).scalars())
+        return found
 
 
 def _with(record: AuditRecord, **changes: object) -> AuditRecord:

@@ -296,17 +296,26 @@ class Spool:
                     if f.suffix == ".dcm":
                         yield f.stem
 
-    def remove_orphans(self, known: Iterable[str]) -> int:
+    def remove_orphans(self, known: Callable[[list[str]], Iterable[str]]) -> int:
         """Delete committed files that no index row names (a crash before the commit).
 
-        No Success was sent for them, so nothing acknowledged is lost.
-        """
-        known_set = set(known)
+        No Success was sent for them, so nothing acknowledged is lost. ``known(keys)`` says
+        which of ``keys`` the index names; it is asked one ``objects/xx`` folder at a time,
+        so memory follows the largest folder, not the spool (a set of every key of a spool
+        of millions of instances was hundreds of MiB at start-up)."""
         removed = 0
-        for key in list(self.keys()):
-            if key not in known_set:
-                self.delete(key)
-                removed += 1
+        for sub in sorted(self.objects.iterdir()):
+            if not sub.is_dir():
+                continue
+            files = {f.stem: f for f in sub.iterdir() if f.suffix == ".dcm"}
+            if not files:
+                continue
+            named = set(known(list(files)))
+            for key, path in files.items():
+                if key not in named:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    removed += 1
         return removed
 
     def sweep_incoming(self, *, older_than: float, now: float) -> int:

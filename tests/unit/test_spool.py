@@ -125,10 +125,19 @@ def test_remove_orphans(tmp_path: Path) -> None:
     stray = spool.objects / "zz"
     stray.mkdir()
     (stray / "notes.txt").write_text("not an object")
-    assert spool.remove_orphans(known) == 3
+    asked: list[list[str]] = []
+
+    def indexed(keys: list[str]) -> set[str]:
+        asked.append(keys)
+        return set(known) & set(keys)
+
+    assert spool.remove_orphans(indexed) == 3
     assert set(spool.keys()) == {objs[0].key, objs[3].key}
     assert (stray / "notes.txt").exists()  # only .dcm files are ours to remove
-    assert spool.remove_orphans(known) == 0
+    # asked one folder at a time, never for a folder without objects
+    assert all(len({k[:2] for k in keys}) == 1 for keys in asked)
+    assert sorted(k for keys in asked for k in keys) == sorted(o.key for o in objs)
+    assert spool.remove_orphans(indexed) == 0
 
 
 def test_sweep_incoming(tmp_path: Path) -> None:
