@@ -274,15 +274,20 @@ class _GatewayAssociation(Association):
         if not (self.is_established or self.is_rejected or self.is_aborted):
             server._out_of_resources(sock, None, exc, what="no memory for an association")
             return
-        log.warning(
-            "no memory to go on with an association; aborted",
-            extra={"association_id": getattr(self, "gateway_id", None), "error": "MemoryError"},
-        )
-        server._on_security_event("out-of-resources")
         self.is_aborted = True
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, MemoryError):  # the answer first (_out_of_resources)
             sock.sendall(_ABORT_NO_REASON)
             sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(MemoryError):
+            log.warning(
+                "no memory to go on with an association; aborted",
+                extra={
+                    "association_id": getattr(self, "gateway_id", None),
+                    "error": "MemoryError",
+                },
+            )
+        with contextlib.suppress(MemoryError):
+            server._on_security_event("out-of-resources")
 
     def _start_and_run(self) -> None:  # not _run_reactor: pynetdicom has one
         if not self._started_dul:
@@ -514,12 +519,19 @@ class DicomServer:
         what: str = "no thread for a new association",
     ) -> None:
         """A connection the node has no thread (memory) for: A-ASSOCIATE-RJ transient, local
-        limit exceeded (2/3/2), before its request is read; counted, never fatal."""
-        log.warning(f"{what}; rejected (transient)", extra={"error": type(exc).__name__})
-        self._on_security_event("out-of-resources")
+        limit exceeded (2/3/2), before its request is read; counted, never fatal.
+
+        The reject goes out first, from bytes made at import: the log record and the
+        metric allocate, and at the edge of the address space an allocation that fails
+        there had ended the connection without any answer (the peer saw it closed)."""
         with contextlib.suppress(OSError, MemoryError):
             request.sendall(_REJECT_LOCAL_LIMIT)
             request.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(MemoryError):
+            log.warning(f"{what}; rejected (transient)", extra={"error": type(exc).__name__})
+        with contextlib.suppress(MemoryError):
+            self._on_security_event("out-of-resources")
+        with contextlib.suppress(OSError, MemoryError):
             # read what the peer sent (its A-ASSOCIATE-RQ), briefly and bounded: closing with
             # unread bytes would send a reset that can discard the reject before it is read;
             # into a buffer made at import, as there may be no memory for one now

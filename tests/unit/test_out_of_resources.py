@@ -1,0 +1,71 @@
+"""FAULTS F18: a connection the node has no thread or memory for is answered A-ASSOCIATE-RJ
+transient (2/3/2, local limit exceeded) even when the log record or the metric that goes
+with it cannot be allocated: the answer goes out first, from bytes made at import."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.dicom.server import DicomServer
+
+REJECT_LOCAL_LIMIT = bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 0x02])
+
+
+def _reject(on_security_event: Callable[[str], None]) -> tuple[bytes, list[BaseException]]:
+    """Connect, let the node's ``_out_of_resources`` answer the accepted socket, send an
+    A-ASSOCIATE-RQ's first bytes as a peer would, and read what comes back."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    listener.close()
+    node = SimpleNamespace(_on_security_event=on_security_event)
+    errors: list[BaseException] = []
+
+    def answer() -> None:
+        try:
+            DicomServer._out_of_resources(node, accepted, None, RuntimeError())  # type: ignore[arg-type]
+        except BaseException as exc:  # what escaped is the finding
+            errors.append(exc)
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    client.settimeout(5)
+    client.sendall(b"\x01\x00\x00\x00\x00\x44" + bytes(0x44))  # an A-ASSOCIATE-RQ's size
+    received = b""
+    try:
+        while chunk := client.recv(64):
+            received += chunk
+    except TimeoutError:
+        pass
+    client.close()
+    thread.join(5)
+    accepted.close()
+    return received, errors
+
+
+def test_the_reject_is_sent_and_counted() -> None:
+    counted: list[str] = []
+    received, errors = _reject(counted.append)
+    assert received == REJECT_LOCAL_LIMIT and not errors
+    assert counted == ["out-of-resources"]
+
+
+@pytest.mark.parametrize("failing", ["metric", "log"])
+def test_the_reject_is_sent_when_nothing_more_can_be_allocated(
+    failing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(*_args: object, **_kwargs: object) -> None:
+        raise MemoryError
+
+    if failing == "log":
+        monkeypatch.setattr("gateway.dicom.server.log.warning", no_memory)
+        received, errors = _reject(lambda _kind: None)
+    else:
+        received, errors = _reject(no_memory)
+    assert received == REJECT_LOCAL_LIMIT, "the peer got no answer"
+    assert not errors
