@@ -278,16 +278,10 @@ class _GatewayAssociation(Association):
         with contextlib.suppress(OSError, MemoryError):  # the answer first (_out_of_resources)
             sock.sendall(_ABORT_NO_REASON)
             sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(MemoryError):
-            log.warning(
-                "no memory to go on with an association; aborted",
-                extra={
-                    "association_id": getattr(self, "gateway_id", None),
-                    "error": "MemoryError",
-                },
-            )
-        with contextlib.suppress(MemoryError):
-            server._on_security_event("out-of-resources")
+        server._refused_for_resources(
+            "no memory to go on with an association; aborted",
+            {"association_id": getattr(self, "gateway_id", None), "error": "MemoryError"},
+        )
 
     def _start_and_run(self) -> None:  # not _run_reactor: pynetdicom has one
         if not self._started_dul:
@@ -510,6 +504,14 @@ class DicomServer:
         with self.ledger.locked() as ledger:
             ledger.close_connection(address, admitted=admitted)
 
+    def _refused_for_resources(self, message: str, extra: dict[str, object]) -> None:
+        """Log and count a refusal for lack of threads or memory, once its answer is sent:
+        either may fail to allocate, which must not take the caller's clean-up with it."""
+        with contextlib.suppress(MemoryError):
+            log.warning(message, extra=extra)
+        with contextlib.suppress(MemoryError):
+            self._on_security_event("out-of-resources")
+
     def _out_of_resources(
         self,
         request: Any,
@@ -527,10 +529,7 @@ class DicomServer:
         with contextlib.suppress(OSError, MemoryError):
             request.sendall(_REJECT_LOCAL_LIMIT)
             request.shutdown(socket.SHUT_WR)
-        with contextlib.suppress(MemoryError):
-            log.warning(f"{what}; rejected (transient)", extra={"error": type(exc).__name__})
-        with contextlib.suppress(MemoryError):
-            self._on_security_event("out-of-resources")
+        self._refused_for_resources(f"{what}; rejected (transient)", {"error": type(exc).__name__})
         with contextlib.suppress(OSError, MemoryError):
             # read what the peer sent (its A-ASSOCIATE-RQ), briefly and bounded: closing with
             # unread bytes would send a reset that can discard the reject before it is read;

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from gateway.audit.chain import AuditRecord, append
 from gateway.clock import SystemClock
@@ -106,29 +107,52 @@ def cfg(tmp_path: Path) -> GatewayConfig:
     )
 
 
+def instance_row(
+    now: datetime, *, study: str = "1.2.3", spool_key: str = "", sop_instance_uid: str = ""
+) -> dict[str, object]:
+    """The columns of an ``instances`` row of a CT of ``study`` received at ``now`` (a fresh
+    spool key and instance UID unless given)."""
+    return {
+        "spool_key": spool_key or new_id(),
+        "sop_instance_uid": sop_instance_uid or f"{study}.{new_id()[:8]}",
+        "version": 1,
+        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+        "study_instance_uid": study,
+        "series_instance_uid": f"{study}.1",
+        "modality": "CT",
+        "instance_number": "1",
+        "size": 10,
+        "sha256": "0" * 64,
+        "received_at": now,
+        "calling_ae_title": "CT1",
+        "called_ae_title": "GATEWAY",
+        "calling_address": "127.0.0.1",
+        "association_id": new_id(),
+    }
+
+
 def _instance(db: Database, now: datetime, study: str = "1.2.3") -> int:
     with db.session() as s:
-        row = Instance(
-            spool_key=new_id(),
-            sop_instance_uid=f"{study}.{new_id()[:8]}",
-            version=1,
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            study_instance_uid=study,
-            series_instance_uid=f"{study}.1",
-            modality="CT",
-            instance_number="1",
-            size=10,
-            sha256="0" * 64,
-            received_at=now,
-            calling_ae_title="CT1",
-            called_ae_title="GATEWAY",
-            calling_address="127.0.0.1",
-            association_id=new_id(),
-        )
+        row = Instance(**instance_row(now, study=study))
         s.add(row)
         s.flush()
         return row.id
+
+
+def pending_delivery(s: Session, db: Database, now: datetime, **when: datetime) -> Delivery:
+    """A pending delivery to "pacs" on route "all" of one new instance of study 1.2.3, made
+    at ``now`` (``when``: ``claimable_at``)."""
+    return deliveries.create(
+        s,
+        study_instance_uid="1.2.3",
+        route_name="all",
+        destination="pacs",
+        profile="",
+        instance_ids=[_instance(db, now)],
+        now=now,
+        **when,
+    )
 
 
 def _worker(cfg: GatewayConfig, db: Database, clock: SystemClock, dest: Refusing) -> Worker:
@@ -198,15 +222,7 @@ def test_retry_backoff_follows_elapsed_time(cfg: GatewayConfig, db: Database) ->
     dest = Refusing()
     worker = _worker(cfg, db, clock, dest)
     with db.session() as s:
-        did = deliveries.create(
-            s,
-            study_instance_uid="1.2.3",
-            route_name="all",
-            destination="pacs",
-            profile="",
-            instance_ids=[_instance(db, clock.now())],
-            now=clock.now(),
-        ).id
+        did = pending_delivery(s, db, clock.now()).id
     assert worker.run_once("w") and dest.attempts == 1
     assert _delivery(db, did).state == State.RETRY_WAIT.value
     # the wall clock jumps forward an hour: the 60 s backoff has not elapsed
@@ -225,15 +241,7 @@ def test_an_abandoned_lease_expires_after_elapsed_lease_seconds(
     t = FakeTime()
     clock = t.clock()
     with db.session() as s:
-        did = deliveries.create(
-            s,
-            study_instance_uid="1.2.3",
-            route_name="all",
-            destination="pacs",
-            profile="",
-            instance_ids=[_instance(db, clock.now())],
-            now=clock.now(),
-        ).id
+        did = pending_delivery(s, db, clock.now()).id
 
     def claim(worker: str) -> deliveries.Claim | None:
         with db.session() as s:
@@ -265,15 +273,7 @@ def test_deadlines_written_under_a_clock_that_was_ahead_do_not_stall(
     t = FakeTime()
     ahead = T0 + timedelta(days=1)
     with db.session() as s:
-        retry = deliveries.create(
-            s,
-            study_instance_uid="1.2.3",
-            route_name="all",
-            destination="pacs",
-            profile="",
-            instance_ids=[_instance(db, ahead)],
-            now=ahead,
-        )
+        retry = pending_delivery(s, db, ahead)
         retry.state = State.RETRY_WAIT.value
         retry.next_attempt_at = ahead + timedelta(seconds=60)
         retry_id = retry.id

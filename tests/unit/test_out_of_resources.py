@@ -24,6 +24,11 @@ def _reject(on_security_event: Callable[[str], None]) -> tuple[bytes, list[BaseE
     accepted, _ = listener.accept()
     listener.close()
     node = SimpleNamespace(_on_security_event=on_security_event)
+    node._refused_for_resources = lambda message, extra: DicomServer._refused_for_resources(
+        node,  # type: ignore[arg-type]
+        message,
+        extra,
+    )
     errors: list[BaseException] = []
 
     def answer() -> None:

@@ -17,32 +17,11 @@ from gateway.index.models import Instance
 from gateway.ingest.service import IngestService
 from gateway.metrics import Metrics
 from gateway.spool.store import Spool
-from tests.unit.test_clock_jumps import worker_config
+from tests.unit.test_clock_jumps import instance_row, worker_config
 
 T0 = datetime(2026, 5, 1, tzinfo=UTC)
 STORED = 20_000
 ORPHANS = 40
-
-
-def _row(key: str, n: int) -> dict[str, object]:
-    return {
-        "spool_key": key,
-        "sop_instance_uid": f"1.2.826.0.1.{n}",
-        "version": 1,
-        "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-        "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-        "study_instance_uid": "1.2.826.0.1",
-        "series_instance_uid": "1.2.826.0.1.1",
-        "modality": "CT",
-        "instance_number": str(n),
-        "size": 1,
-        "sha256": "0" * 64,
-        "received_at": T0,
-        "calling_ae_title": "CT1",
-        "called_ae_title": "GATEWAY",
-        "calling_address": "127.0.0.1",
-        "association_id": "a" * 32,
-    }
 
 
 def test_recovery_removes_only_orphans_and_holds_no_key_list_of_the_spool(
@@ -58,7 +37,11 @@ def test_recovery_removes_only_orphans_and_holds_no_key_list_of_the_spool(
         conn = s.connection()
         for i in range(0, STORED, 5000):
             conn.execute(
-                insert(Instance), [_row(k, i + n) for n, k in enumerate(stored[i : i + 5000])]
+                insert(Instance),
+                [
+                    instance_row(T0, spool_key=k, sop_instance_uid=f"1.2.826.0.1.{i + n}")
+                    for n, k in enumerate(stored[i : i + 5000])
+                ],
             )
     for key in stored + orphans:
         spool.path_of(key).touch()

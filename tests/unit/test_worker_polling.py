@@ -16,10 +16,9 @@ from sqlalchemy import event
 
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig
-from gateway.index import deliveries
 from gateway.index.db import Database
 from gateway.index.models import Delivery
-from tests.unit.test_clock_jumps import Refusing, _instance, _worker, worker_config
+from tests.unit.test_clock_jumps import Refusing, _worker, pending_delivery, worker_config
 
 POLL = 0.1
 THREADS = 4
@@ -69,16 +68,7 @@ def test_a_delivery_falling_due_is_found_and_a_wake_up_looks_at_once(
     worker = _worker(cfg, db, clock, dest)
     now = clock.now()
     with db.session() as s:
-        delivery = deliveries.create(
-            s,
-            study_instance_uid="1.2.3",
-            route_name="all",
-            destination="pacs",
-            profile="",
-            instance_ids=[_instance(db, now)],
-            now=now,
-            claimable_at=now + timedelta(seconds=1),
-        )
+        delivery = pending_delivery(s, db, now, claimable_at=now + timedelta(seconds=1))
         did = delivery.id
     worker.start()
     try:
