@@ -115,6 +115,17 @@ def store_request(primitive: C_STORE) -> bytes | None:
         return None
 
 
+def command_pdu(encoded: bytes | None, context_id: int, max_pdu: int) -> P_DATA | None:
+    """A P-DATA carrying the encoded command set as its only (last) command fragment,
+    control header xxxxxx11; None without one, or when it would not fit the peer's maximum
+    PDU (``max_pdu``, 0 for unlimited) less the PDV item's 6 bytes of header."""
+    if encoded is None or (max_pdu and len(encoded) > max_pdu - 6):
+        return None
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+    return pdata
+
+
 def send_file_store(dimse: Any, primitive: Any, context_id: int) -> bool:
     """Send C-STORE-RQ ``primitive``, whose data set ``send_c_store`` left in a file
     (``primitive._dataset_path``: the path and the data set's offset in it), through
@@ -134,17 +145,15 @@ def send_file_store(dimse: Any, primitive: Any, context_id: int) -> bool:
         or dimse.assoc.get_handlers(evt.EVT_DIMSE_SENT)
     ):
         return False
-    encoded = store_request(primitive)
     limit = dimse.maximum_pdu_size
-    if encoded is None or (limit and len(encoded) > limit - 6):
+    command = command_pdu(store_request(primitive), context_id, limit)
+    if command is None:
         return False
     path, offset = location
     send = dimse.dul.send_pdu
     with open_plain(Path(path)) as f:
         end = f.seek(0, 2)
         length = end - f.seek(offset)
-        command = P_DATA()  # the last (only) command fragment: control header xxxxxx11
-        command.presentation_data_value_list.append((context_id, b"\x03" + encoded))
         send(command)
         size = limit - 6 if limit else length
         sent = 0

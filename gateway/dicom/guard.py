@@ -46,7 +46,6 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.dicom import commands
 from gateway.dicom.reactor import WaitingSocket, WakingDUL, WakingQueue, with_memory
@@ -218,12 +217,10 @@ class GuardedDIMSE(DIMSEServiceProvider):
             and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
         ):
             encoded = commands.store_response(primitive)
-        limit = self.maximum_pdu_size
-        if encoded is None or (limit and len(encoded) > limit - 6):
+        pdata = commands.command_pdu(encoded, context_id, self.maximum_pdu_size)
+        if pdata is None:
             super().send_msg(primitive, context_id)
             return
-        pdata = P_DATA()  # the last (only) command fragment: control header xxxxxx11
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
         self.dul.send_pdu(pdata)
 
     def receive_primitive(self, primitive: Any) -> None:
