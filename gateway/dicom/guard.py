@@ -48,7 +48,13 @@ from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 
 from gateway.dicom import commands
-from gateway.dicom.reactor import WaitingSocket, WakingDUL, WakingQueue, with_memory
+from gateway.dicom.reactor import (
+    WaitingSocket,
+    WakingDUL,
+    WakingQueue,
+    pdv_controls,
+    with_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,9 @@ _FIXED = {0x05: 4, 0x06: 4, 0x07: 4}
 MAX_COMMAND_SET = 65536
 # Data sets other than C-STORE's are identifiers (C-FIND/C-MOVE/C-GET keys), read in memory.
 MAX_IN_MEMORY_DATASET = 4 << 20
+# the data of a draining C-STORE's PDUs is read into this and dropped; made at import (F18)
+# and never looked at, so the associations that read into it at once need no lock
+_SKIPPED = bytearray(65536)
 
 
 def _abort_bytes() -> bytes:
@@ -90,6 +99,7 @@ class GuardedSocket(WaitingSocket):
         self._expect_body: int | None = None
         self._deadline = 0.0
         self._violated = False
+        self._item_header = bytearray(6)  # a draining P-DATA-TF item's header (skip_pdata)
 
     @property
     def ready(self) -> bool:
@@ -149,30 +159,64 @@ class GuardedSocket(WaitingSocket):
         raise OSError(reason)
 
     def _read_exact(self, nr_bytes: int) -> bytearray:
+        # out of memory (F18), wait for some while the peer is held by TCP flow control
+        buf = with_memory(lambda: bytearray(nr_bytes), until=self._deadline)
+        got = self._fill(memoryview(buf))
+        # the peer closed: a short read (buf cannot shrink while viewed)
+        return buf if got == nr_bytes else buf[:got]
+
+    def _fill(self, view: memoryview) -> int:
+        """Read into ``view`` until it is full, the peer closes (fewer bytes: how many) or
+        the PDU's deadline passes (a violation)."""
         sock = self.socket
         if sock is None:
             raise OSError("socket closed")
-        # out of memory (F18), wait for some while the peer is held by TCP flow control
-        buf = with_memory(lambda: bytearray(nr_bytes), until=self._deadline)
-        view = memoryview(buf)
         got = 0
         try:
-            while got < nr_bytes:
+            while got < len(view):
                 remaining = self._deadline - time.monotonic()
                 if remaining <= 0:
                     self._violation("pdu-read-deadline")
                 sock.settimeout(remaining)
                 try:
-                    n = sock.recv_into(view[got:], min(nr_bytes - got, 1 << 20))
+                    n = sock.recv_into(view[got:], min(len(view) - got, 1 << 20))
                 except TimeoutError:
                     self._violation("pdu-read-deadline")
-                if n == 0:  # peer closed: a short read (buf cannot shrink while viewed)
-                    return buf[:got]
+                if n == 0:
+                    return got
                 got += n
         finally:
             with contextlib.suppress(OSError):
                 sock.settimeout(None)
-        return buf
+        return got
+
+    def skip_pdata(self, length: int) -> list[tuple[int, int]]:
+        """Read the body of a P-DATA-TF PDU (its header read by :meth:`recv`) without
+        holding it, for a C-STORE drained for want of memory (FAULTS F18): its items'
+        presentation context IDs and control headers (see
+        :func:`gateway.dicom.reactor.pdv_controls`), their data read into a buffer made at
+        import and dropped. Raises ``OSError`` as :meth:`recv` does (the PDU's deadline, a
+        closed connection), and with an A-ABORT (invalid PDU) for items that do not add up
+        to the PDU."""
+        self._expect_body = None
+
+        def read_header() -> bytearray:
+            if self._fill(memoryview(self._item_header)) != 6:
+                raise OSError("closed in a P-DATA-TF")
+            return self._item_header
+
+        def skip(n: int) -> None:
+            while n > 0:
+                chunk = memoryview(_SKIPPED)[: min(n, len(_SKIPPED))]
+                if self._fill(chunk) != len(chunk):
+                    raise OSError("closed in a P-DATA-TF")
+                n -= len(chunk)
+
+        try:
+            return pdv_controls(length, read_header, skip)
+        except ValueError:
+            self._violation("invalid-pdata")
+            raise  # not reached: _violation raises OSError
 
 
 class GuardedDIMSE(DIMSEServiceProvider):
@@ -255,27 +299,42 @@ class GuardedDIMSE(DIMSEServiceProvider):
                 receive_file.close()
                 os.unlink(receive_file.name)
 
+    @property
+    def draining(self) -> bool:
+        """Whether a C-STORE is being drained: its PDUs are read and dropped (the DUL then
+        hands on only their control headers, :class:`~gateway.dicom.reactor.WakingDUL`)."""
+        return self._draining is not None
+
     def _out_of_memory(self, primitive: Any) -> None:
         """A C-STORE whose data set could not be taken in: its fragments are read and
         dropped, and it is answered 0xA700 (out of resources) after its last, so the
         association goes on; out of memory for any other message, the association is
         aborted (A-ABORT, audited as out-of-resources)."""
+        if self.drain_for_memory():
+            self._drain(primitive)
+        else:
+            self._refuse("out-of-resources")
+
+    def drain_for_memory(self) -> bool:
+        """Drain the message being received if it is a C-STORE whose command set is in (its
+        data set could not be taken in: ``_out_of_memory``, or the DUL had no memory for one
+        of its PDUs) and return True; otherwise drop the message and return False (the
+        caller aborts the association). Either way its partial receive file goes now."""
         message = self.message
         command = getattr(message, "command_set", None)
         context_id = getattr(message, "context_id", None)
         self.message = None
         if message is not None:
             receive_file = getattr(message, "_data_set_file", None)
-            if receive_file is not None:  # the partial receive file goes now
+            if receive_file is not None:
                 with contextlib.suppress(OSError):
                     receive_file.close()
                     os.unlink(receive_file.name)
         if not isinstance(message, C_STORE_RQ) or command is None or context_id is None:
-            self._refuse("out-of-resources")
-            return
+            return False
         log.warning("no memory to receive a C-STORE data set; answered 0xA700")
         self._draining = (context_id, command)
-        self._drain(primitive)
+        return True
 
     def _drain(self, primitive: Any) -> None:
         """Drop a draining C-STORE's fragments; answer it after the last one."""

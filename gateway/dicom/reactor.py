@@ -45,6 +45,8 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 from gateway.dicom import commands
@@ -162,6 +164,58 @@ def with_memory(make: Callable[[], T], *, until: float | None = None) -> T:
                 raise
             time.sleep(pause)
             pause = min(pause * 2, 0.2)
+
+
+def pdv_controls(
+    length: int, read_header: Callable[[], bytes | bytearray], skip: Callable[[int], None]
+) -> list[tuple[int, int]]:
+    """The presentation context ID and message control header (PS3.8 9.3.5.1 and E.2) of
+    each item of a P-DATA-TF PDU body of ``length`` bytes, whose items' 6-byte headers
+    (item length, context ID, control header) ``read_header`` gives in turn while
+    ``skip(n)`` passes over each item's data. ``ValueError`` when the items do not add up to
+    the body."""
+    controls: list[tuple[int, int]] = []
+    left = length
+    while left > 0:
+        if left < 6:
+            raise ValueError("a P-DATA-TF item header runs past the PDU")
+        header = read_header()
+        item_length = int.from_bytes(header[0:4], "big")
+        if item_length < 2 or item_length + 4 > left:
+            raise ValueError("a P-DATA-TF item length does not fit the PDU")
+        controls.append((header[4], header[5]))
+        skip(item_length - 2)
+        left -= item_length + 4
+    if not controls:
+        raise ValueError("a P-DATA-TF PDU without items")
+    return controls
+
+
+def pdv_controls_of(body: bytes | bytearray) -> list[tuple[int, int]]:
+    """:func:`pdv_controls` of a body held in memory (no copy of its data is made)."""
+    view = memoryview(body)
+    pos = 0
+
+    def read_header() -> bytes | bytearray:
+        nonlocal pos
+        pos += 6
+        return bytes(view[pos - 6 : pos])
+
+    def skip(n: int) -> None:
+        nonlocal pos
+        pos += n
+
+    return pdv_controls(len(body), read_header, skip)
+
+
+def drained_pdata(controls: list[tuple[int, int]]) -> P_DATA_TF:
+    """A P-DATA-TF made of a draining C-STORE's PDU: each item with its control header as
+    its only byte of data, which is all the draining ``GuardedDIMSE`` looks at."""
+    primitive = P_DATA()
+    # pynetdicom takes [ID, data] lists here (and gives tuples back)
+    items: Any = [[ctx, bytes([ctrl])] for ctx, ctrl in controls]
+    primitive.presentation_data_value_list = items
+    return P_DATA_TF(primitive)
 
 
 class WakingQueue(queue.Queue[Any]):
@@ -342,9 +396,16 @@ class WakingDUL(DULServiceProvider):
         outcome (Evt17 for a transport that closed or fell short, Evt19 for an unknown type
         or a PDU that does not decode, the PDU's own event otherwise), except that the PDU's
         buffers, which pynetdicom allocates three times over, wait for memory when there is
-        none (F18) instead of the association ending as if the peer's PDU were invalid; if
-        none comes, the association is aborted as out of resources."""
+        none (F18) instead of the association ending as if the peer's PDU were invalid.
+
+        If none comes for a P-DATA-TF of a C-STORE's data set, that C-STORE is drained (its
+        ``GuardedDIMSE`` answers it 0xA700 after its last fragment), and the PDUs of a
+        draining C-STORE are read without being held (:meth:`_drain_pdata`): draining
+        associations that each waited for memory to read their next PDU had waited for each
+        other, and one was aborted. Out of memory for anything else, the association is
+        aborted as out of resources."""
         sock = cast(Any, self.socket)
+        pdu_type = pdu_length = 0
         try:
             header = sock.recv(6)
             if len(header) != 6:  # the peer closed
@@ -355,12 +416,18 @@ class WakingDUL(DULServiceProvider):
                 log.warning("unknown PDU type received", extra={"pdu_type": pdu_type})
                 self.event_queue.put("Evt19")
                 return
+            if pdu_type == 0x04 and getattr(self.assoc.dimse, "draining", False):
+                self._drain_pdata(sock, pdu_length)
+                return
             body = sock.recv(pdu_length)
         except (OSError, TimeoutError):  # closed, or refused by the guarded socket
             self.event_queue.put("Evt17")
             return
-        except MemoryError:
-            self._out_of_memory(sock)
+        except MemoryError:  # nothing of the body read yet
+            if pdu_type == 0x04 and self._drain_for_memory():
+                self._drain_pdata(sock, pdu_length)
+            else:
+                self._out_of_memory(sock)
             return
         if len(body) != pdu_length:
             self.event_queue.put("Evt17")
@@ -368,7 +435,13 @@ class WakingDUL(DULServiceProvider):
         try:
             pdu, event = with_memory(lambda: self._decode_pdu(header + body))
         except MemoryError:
-            self._out_of_memory(sock)
+            if pdu_type == 0x04 and self._drain_for_memory():
+                try:
+                    self._put_drained(pdv_controls_of(body))
+                except ValueError:
+                    self.event_queue.put("Evt19")
+            else:
+                self._out_of_memory(sock)
             return
         except Exception:  # noqa: BLE001 - the peer's bytes: anything the decoder raises
             log.warning("a received PDU could not be decoded")
@@ -376,6 +449,24 @@ class WakingDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _drain_for_memory(self) -> bool:
+        """Whether the association's DIMSE provider drains the C-STORE whose data set the
+        P-DATA-TF with no memory belongs to (the node's ``GuardedDIMSE``)."""
+        drain = getattr(self.assoc.dimse, "drain_for_memory", None)
+        return bool(drain is not None and drain())
+
+    def _drain_pdata(self, sock: Any, length: int) -> None:
+        """Read a draining C-STORE's P-DATA-TF body into nothing (the guarded socket's
+        ``skip_pdata``) and hand on only its items' control headers."""
+        try:
+            self._put_drained(sock.skip_pdata(length))
+        except (OSError, TimeoutError):  # closed, late, or items that do not add up
+            self.event_queue.put("Evt17")
+
+    def _put_drained(self, controls: list[tuple[int, int]]) -> None:
+        self.event_queue.put("Evt10")  # P-DATA-TF received
+        self._recv_pdu.put(drained_pdata(controls))
 
     def _out_of_memory(self, sock: Any) -> None:
         refuse = getattr(sock, "refuse", None)  # the node's GuardedSocket: abort, audited

@@ -272,7 +272,14 @@ class _GatewayAssociation(Association):
         if server is None or sock is None:
             return
         if not (self.is_established or self.is_rejected or self.is_aborted):
-            server._out_of_resources(sock, None, exc, what="no memory for an association")
+            server._out_of_resources(
+                sock,
+                None,
+                exc,
+                what="no memory for an association",
+                # its DUL read the A-ASSOCIATE-RQ once it left Sta2 (awaiting it)
+                request_read=self.dul.state_machine.current_state != "Sta2",
+            )
             return
         self.is_aborted = True
         with contextlib.suppress(OSError, MemoryError):  # the answer first (_out_of_resources)
@@ -411,6 +418,36 @@ _ABORT_NO_REASON = _provider_abort()
 # what a rejected peer sent, read and dropped (the bytes are never looked at, so the
 # threads that read into it at once need no lock)
 _DISCARD = bytearray(4096)
+REQUEST_WAIT = 2.0
+"""How long a connection refused for want of threads or memory waits for its
+A-ASSOCIATE-RQ before it is answered all the same (s)."""
+_REQUEST_CAP = 1 << 20  # the most of that request read (its declared length is the peer's)
+
+
+def _await_request(request: Any) -> None:
+    """Read the peer's first PDU (its A-ASSOCIATE-RQ) and drop it, for at most
+    :data:`REQUEST_WAIT` s: only its 6-byte header is looked at, for its length (PS3.8
+    9.3.1); raises ``OSError`` on a timeout or a closed connection."""
+    deadline = time.monotonic() + REQUEST_WAIT
+    header = bytearray(6)
+    view = memoryview(header)
+    got = 0
+    while got < 6:
+        got += _recv_before(request, view[got:], deadline)
+    remaining = min(int.from_bytes(header[2:6], "big"), _REQUEST_CAP)
+    while remaining > 0:
+        remaining -= _recv_before(request, memoryview(_DISCARD)[: min(remaining, 4096)], deadline)
+
+
+def _recv_before(request: Any, into: memoryview, deadline: float) -> int:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no A-ASSOCIATE-RQ in time")
+    request.settimeout(left)
+    n = int(request.recv_into(into))
+    if n == 0:
+        raise ConnectionError("closed before its A-ASSOCIATE-RQ")
+    return n
 
 
 class DicomServer:
@@ -519,13 +556,24 @@ class DicomServer:
         exc: BaseException,
         *,
         what: str = "no thread for a new association",
+        request_read: bool = False,
     ) -> None:
         """A connection the node has no thread (memory) for: A-ASSOCIATE-RJ transient, local
-        limit exceeded (2/3/2), before its request is read; counted, never fatal.
+        limit exceeded (2/3/2); counted, never fatal.
 
-        The reject goes out first, from bytes made at import: the log record and the
-        metric allocate, and at the edge of the address space an allocation that fails
+        The reject answers the peer's A-ASSOCIATE-RQ, read first unless ``request_read``
+        (:func:`_await_request`; after :data:`REQUEST_WAIT` s without one it is sent all the
+        same). Sent before the request had arrived, it could reach a pynetdicom requestor
+        before that had seen its own request go out; pynetdicom then took the closed
+        connection for a failed connect and reported no reject (the requestor's FSM had
+        gone Sta5 + Evt4 -> Sta1: the reject was received).
+
+        The reject goes out before the log record and the metric, from bytes made at import:
+        those allocate, and at the edge of the address space an allocation that fails
         there had ended the connection without any answer (the peer saw it closed)."""
+        if not request_read:
+            with contextlib.suppress(OSError, MemoryError):
+                _await_request(request)
         with contextlib.suppress(OSError, MemoryError):
             request.sendall(_REJECT_LOCAL_LIMIT)
             request.shutdown(socket.SHUT_WR)
