@@ -278,7 +278,7 @@ class _GatewayAssociation(Association):
                 exc,
                 what="no memory for an association",
                 # its DUL read the A-ASSOCIATE-RQ once it left Sta2 (awaiting it)
-                request_read=self.dul.state_machine.current_state != "Sta2",
+                request_wait=None if self.dul.state_machine.current_state == "Sta2" else 0,
             )
             return
         self.is_aborted = True
@@ -420,15 +420,18 @@ _ABORT_NO_REASON = _provider_abort()
 _DISCARD = bytearray(4096)
 REQUEST_WAIT = 2.0
 """How long a connection refused for want of threads or memory waits for its
-A-ASSOCIATE-RQ before it is answered all the same (s)."""
+A-ASSOCIATE-RQ before it is answered all the same (s), on the connection's own thread."""
+ACCEPT_REQUEST_WAIT = 0.5
+"""The same wait where the refusal runs on the accept loop (no thread for the connection),
+which takes no other connection meanwhile (s)."""
 _REQUEST_CAP = 1 << 20  # the most of that request read (its declared length is the peer's)
 
 
-def _await_request(request: Any) -> None:
-    """Read the peer's first PDU (its A-ASSOCIATE-RQ) and drop it, for at most
-    :data:`REQUEST_WAIT` s: only its 6-byte header is looked at, for its length (PS3.8
-    9.3.1); raises ``OSError`` on a timeout or a closed connection."""
-    deadline = time.monotonic() + REQUEST_WAIT
+def _await_request(request: Any, wait: float) -> None:
+    """Read the peer's first PDU (its A-ASSOCIATE-RQ) and drop it, for at most ``wait`` s:
+    only its 6-byte header is looked at, for its length (PS3.8 9.3.1); raises ``OSError``
+    on a timeout or a closed connection."""
+    deadline = time.monotonic() + wait
     header = bytearray(6)
     view = memoryview(header)
     got = 0
@@ -556,14 +559,15 @@ class DicomServer:
         exc: BaseException,
         *,
         what: str = "no thread for a new association",
-        request_read: bool = False,
+        request_wait: float | None = None,
     ) -> None:
         """A connection the node has no thread (memory) for: A-ASSOCIATE-RJ transient, local
         limit exceeded (2/3/2); counted, never fatal.
 
-        The reject answers the peer's A-ASSOCIATE-RQ, read first unless ``request_read``
-        (:func:`_await_request`; after :data:`REQUEST_WAIT` s without one it is sent all the
-        same). Sent before the request had arrived, it could reach a pynetdicom requestor
+        The reject answers the peer's A-ASSOCIATE-RQ, read first (:func:`_await_request`;
+        after ``request_wait`` s, by default :data:`REQUEST_WAIT`, without one it is sent
+        all the same; 0: read already, or not a DICOM request: a TLS port's connection
+        before its handshake). Sent before the request had arrived, it could reach a pynetdicom requestor
         before that had seen its own request go out; pynetdicom then took the closed
         connection for a failed connect and reported no reject (the requestor's FSM had
         gone Sta5 + Evt4 -> Sta1: the reject was received).
@@ -571,9 +575,10 @@ class DicomServer:
         The reject goes out before the log record and the metric, from bytes made at import:
         those allocate, and at the edge of the address space an allocation that fails
         there had ended the connection without any answer (the peer saw it closed)."""
-        if not request_read:
+        wait = REQUEST_WAIT if request_wait is None else request_wait
+        if wait > 0:
             with contextlib.suppress(OSError, MemoryError):
-                _await_request(request)
+                _await_request(request, wait)
         with contextlib.suppress(OSError, MemoryError):
             request.sendall(_REJECT_LOCAL_LIMIT)
             request.shutdown(socket.SHUT_WR)
@@ -738,7 +743,14 @@ class DicomServer:
                         with server_self._handshaking_lock:
                             server_self._handshaking -= 1
                     server_self._connection_handled(address)
-                    server_self._out_of_resources(request, client_address, exc)
+                    server_self._out_of_resources(
+                        request,
+                        client_address,
+                        exc,
+                        request_wait=0
+                        if self.gateway_tls_context is not None
+                        else ACCEPT_REQUEST_WAIT,
+                    )
 
             def _start_connection_thread(self, request: Any, client_address: Any) -> None:
                 # socketserver.ThreadingMixIn.process_request, with a start that cannot

@@ -23,6 +23,7 @@ def _reject(
     on_security_event: Callable[[str], None],
     *,
     request_after: float = 0.0,
+    request_wait: float | None = None,
     request: bytes = b"\x01\x00\x00\x00\x00\x44" + bytes(0x44),  # an A-ASSOCIATE-RQ's size
 ) -> tuple[bytes, list[BaseException]]:
     """Connect, let the node's ``_out_of_resources`` answer the accepted socket, send
@@ -42,7 +43,13 @@ def _reject(
 
     def answer() -> None:
         try:
-            DicomServer._out_of_resources(node, accepted, None, RuntimeError())  # type: ignore[arg-type]
+            DicomServer._out_of_resources(
+                node,  # type: ignore[arg-type]
+                accepted,
+                None,
+                RuntimeError(),
+                request_wait=request_wait,
+            )
         except BaseException as exc:  # what escaped is the finding
             errors.append(exc)
 
@@ -110,3 +117,12 @@ def test_a_peer_that_sends_nothing_is_answered_after_the_wait(
     received, errors = _reject(lambda _kind: None, request=b"")
     assert received == REJECT_LOCAL_LIMIT and not errors
     assert 0.25 <= time.monotonic() - started < 3
+
+
+def test_without_a_wait_the_reject_goes_at_once() -> None:
+    """The accept loop's refusal on a TLS port (the bytes would be a TLS handshake) does not
+    wait for a request: a peer that has sent nothing is answered at once."""
+    started = time.monotonic()
+    received, errors = _reject(lambda _kind: None, request_wait=0, request=b"")
+    assert received == REJECT_LOCAL_LIMIT and not errors
+    assert time.monotonic() - started < 1.0
