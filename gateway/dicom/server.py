@@ -567,10 +567,10 @@ class DicomServer:
         The reject answers the peer's A-ASSOCIATE-RQ, read first (:func:`_await_request`;
         after ``request_wait`` s, by default :data:`REQUEST_WAIT`, without one it is sent
         all the same; 0: read already, or not a DICOM request: a TLS port's connection
-        before its handshake). Sent before the request had arrived, it could reach a pynetdicom requestor
-        before that had seen its own request go out; pynetdicom then took the closed
-        connection for a failed connect and reported no reject (the requestor's FSM had
-        gone Sta5 + Evt4 -> Sta1: the reject was received).
+        before its handshake). Sent before the request had arrived, it could reach a
+        pynetdicom requestor before that had seen its own request go out; pynetdicom then
+        took the closed connection for a failed connect and reported no reject (the
+        requestor's FSM had gone Sta5 + Evt4 -> Sta1: the reject was received).
 
         The reject goes out before the log record and the metric, from bytes made at import:
         those allocate, and at the edge of the address space an allocation that fails
