@@ -332,8 +332,9 @@ class GuardedDIMSE(DIMSEServiceProvider):
                     os.unlink(receive_file.name)
         if not isinstance(message, C_STORE_RQ) or command is None or context_id is None:
             return False
-        log.warning("no memory to receive a C-STORE data set; answered 0xA700")
         self._draining = (context_id, command)
+        with contextlib.suppress(MemoryError):  # the drain does not depend on the record
+            log.warning("no memory to receive a C-STORE data set; answered 0xA700")
         return True
 
     def _drain(self, primitive: Any) -> None:

@@ -436,10 +436,7 @@ class WakingDUL(DULServiceProvider):
             pdu, event = with_memory(lambda: self._decode_pdu(header + body))
         except MemoryError:
             if pdu_type == 0x04 and self._drain_for_memory():
-                try:
-                    self._put_drained(pdv_controls_of(body))
-                except ValueError:
-                    self.event_queue.put("Evt19")
+                self._put_drained(sock, lambda: pdv_controls_of(body))
             else:
                 self._out_of_memory(sock)
             return
@@ -459,14 +456,25 @@ class WakingDUL(DULServiceProvider):
     def _drain_pdata(self, sock: Any, length: int) -> None:
         """Read a draining C-STORE's P-DATA-TF body into nothing (the guarded socket's
         ``skip_pdata``) and hand on only its items' control headers."""
-        try:
-            self._put_drained(sock.skip_pdata(length))
-        except (OSError, TimeoutError):  # closed, late, or items that do not add up
-            self.event_queue.put("Evt17")
+        self._put_drained(sock, lambda: sock.skip_pdata(length))
 
-    def _put_drained(self, controls: list[tuple[int, int]]) -> None:
+    def _put_drained(self, sock: Any, controls: Callable[[], list[tuple[int, int]]]) -> None:
+        """Queue a P-DATA-TF of ``controls()`` (see :func:`drained_pdata`); Evt17 when the
+        transport closed or failed (the socket aborts items that do not add up), Evt19 for
+        such items in a body held in memory, an abort when even this finds no memory."""
+        try:
+            pdu = drained_pdata(controls())
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        except ValueError:
+            self.event_queue.put("Evt19")
+            return
+        except MemoryError:
+            self._out_of_memory(sock)
+            return
         self.event_queue.put("Evt10")  # P-DATA-TF received
-        self._recv_pdu.put(drained_pdata(controls))
+        self._recv_pdu.put(pdu)
 
     def _out_of_memory(self, sock: Any) -> None:
         refuse = getattr(sock, "refuse", None)  # the node's GuardedSocket: abort, audited
