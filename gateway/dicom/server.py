@@ -255,7 +255,7 @@ class _GatewayAssociation(Association):
     def run_reactor(self) -> None:
         try:
             self._start_and_run()
-        except MemoryError as exc:  # F18: the address space ran out under the association
+        except _NO_MEMORY as exc:  # F18: the address space ran out under the association
             self._out_of_memory(exc)
         finally:  # the connection this association was is over
             if self.gateway_server is not None and self.gateway_address is not None:
@@ -263,7 +263,7 @@ class _GatewayAssociation(Association):
                     self.gateway_address, admitted=self.gateway_admitted
                 )
 
-    def _out_of_memory(self, exc: MemoryError) -> None:
+    def _out_of_memory(self, exc: BaseException) -> None:
         """End the connection with an answer when this association's thread has no memory
         to go on: A-ASSOCIATE-RJ transient (2/3/2) if its request was not answered yet, else
         A-ABORT; its DUL thread then sees the transport closed and ends."""
@@ -294,7 +294,7 @@ class _GatewayAssociation(Association):
         if not self._started_dul:
             try:
                 self.dul.start()
-            except RuntimeError as exc:  # no thread for the DUL (F18: address space)
+            except _NO_THREAD as exc:  # no thread for the DUL (F18: address space)
                 sock = getattr(self.dul.socket, "socket", None)
                 if self.gateway_server is not None and sock is not None:
                     self.gateway_server._out_of_resources(sock, None, exc)
@@ -415,6 +415,12 @@ def _provider_abort() -> bytes:
 
 # made at import: when it is sent, the process may have no memory to make it
 _ABORT_NO_REASON = _provider_abort()
+# what running out of address space raises (FAULTS F18): MemoryError, and, seen under
+# prlimit --as as a thread started, SystemError ("error return without exception set": an
+# allocation in CPython that failed without setting MemoryError); starting a thread also
+# CPython's RuntimeError "can't start new thread" (or bound_start's)
+_NO_MEMORY = (MemoryError, SystemError)
+_NO_THREAD = (RuntimeError, *_NO_MEMORY)
 # what a rejected peer sent, read and dropped (the bytes are never looked at, so the
 # threads that read into it at once need no lock)
 _DISCARD = bytearray(4096)
@@ -628,7 +634,7 @@ class DicomServer:
                     self.certificate_names = certificate_names(tls.getpeercert())
                 try:
                     super().handle()  # makes the association and starts its thread
-                except (RuntimeError, MemoryError) as exc:  # no thread/memory for it (F18)
+                except _NO_THREAD as exc:  # no thread/memory for it (F18)
                     self.handed_over = False  # its thread never ran
                     server_self._out_of_resources(self.request, self.client_address, exc)
 
@@ -738,7 +744,7 @@ class DicomServer:
                         server_self._handshaking += 1  # until _handshake ends
                 try:
                     self._start_connection_thread(request, client_address)
-                except RuntimeError as exc:  # no thread for the connection (F18: memory)
+                except _NO_THREAD as exc:  # no thread for the connection (F18: memory)
                     if self.gateway_tls_context is not None:
                         with server_self._handshaking_lock:
                             server_self._handshaking -= 1

@@ -1,4 +1,5 @@
-"""FAULTS F18: no memory for one PDU in the middle of a C-STORE's data set.
+"""FAULTS F18: no memory for one PDU in the middle of a C-STORE's data set, or for an
+association's thread.
 
 The node runs with a ``sitecustomize`` (on its ``PYTHONPATH``, test-only) that makes one
 allocation fail as the address space being full would: the buffer for the third large
@@ -9,6 +10,11 @@ real association.
 Expected: that C-STORE is drained, its remaining PDUs read without being held, and answered
 0xA700 (out of resources); the association goes on, and the next C-STORE on it is stored.
 Before, the association was aborted and the first C-STORE got no response.
+
+``thread``: starting an association's thread raises ``SystemError`` ("error return
+without exception set"), which CPython raised under ``prlimit --as`` where an allocation
+failed without setting ``MemoryError``. Expected: that association is rejected as transient
+(2/3/2), the next one is accepted. Before, the connection closed unanswered.
 """
 
 from __future__ import annotations
@@ -63,6 +69,21 @@ if MODE:
     reactor.WakingDUL._decode_pdu = _decode_pdu
     reactor.with_memory = _with_memory
     reactor.MEMORY_WAIT = 0.2
+
+    if MODE == "thread":  # the next association's thread start fails as seen under F18
+        from gateway.dicom import server
+
+        start = server._GatewayAssociation.start
+        flag = os.environ["GATEWAY_TEST_FAIL_NEXT_THREAD"]  # the test makes it when ready
+
+        def _start(self):
+            try:
+                os.unlink(flag)
+            except FileNotFoundError:
+                return start(self)
+            raise SystemError("error return without exception set")
+
+        server._GatewayAssociation.start = _start
 """
 
 
@@ -103,3 +124,37 @@ def test_a_store_without_memory_midway_is_answered_and_the_association_goes_on(
         assert sorted(r["outcome"] for r in audited) == ["failure", "success"]
         incoming = node.state_dir / "spool" / "incoming"
         assert incoming.is_dir() and not list(incoming.iterdir()), "a receive file was left"
+
+
+def test_an_association_without_a_thread_is_rejected_as_transient(tmp_path: Path) -> None:
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECT)
+    node = GatewayNode(
+        tmp_path / "node",
+        worker={"enabled": False},
+        env={
+            "PYTHONPATH": os.pathsep.join([str(inject), *sys.path]),
+            "GATEWAY_TEST_NO_MEMORY": "thread",
+            "GATEWAY_TEST_FAIL_NEXT_THREAD": str(tmp_path / "fail-next-thread"),
+        },
+    )
+    with node:
+        ae = AE(ae_title="MODALITY")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context("1.2.840.10008.1.1")
+        # one association served first: the start-up's port probe has had its thread by then
+        first = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert first.is_established
+        first.release()
+        (tmp_path / "fail-next-thread").touch()
+        refused = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert not refused.is_established
+        rj = refused.acceptor.primitive
+        assert rj is not None, node.log(50)
+        assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
+        assert "rejected (transient)" in node.log(50)
+        accepted = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert accepted.is_established
+        assert int(accepted.send_c_echo().Status) == 0x0000
+        accepted.release()
