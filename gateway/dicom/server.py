@@ -573,10 +573,12 @@ class DicomServer:
         The reject answers the peer's A-ASSOCIATE-RQ, read first (:func:`_await_request`;
         after ``request_wait`` s, by default :data:`REQUEST_WAIT`, without one it is sent
         all the same; 0: read already, or not a DICOM request: a TLS port's connection
-        before its handshake). Sent before the request had arrived, it could reach a
-        pynetdicom requestor before that had seen its own request go out; pynetdicom then
-        took the closed connection for a failed connect and reported no reject (the
-        requestor's FSM had gone Sta5 + Evt4 -> Sta1: the reject was received).
+        before its handshake), as PS3.8 has it (Sta2 -> Sta3). Sent on accept, before the
+        request, it reached pynetdicom requestors all the sooner: pynetdicom 3.0.4's looks
+        whether its socket is connected once its connect is done, and a reject that came
+        back before it looked had closed it; it then reports a failed connect, the reject
+        left unread in its DUL's queue (its FSM: Sta5 + Evt4 -> Sta1). That race is
+        pynetdicom's and is narrowed here, not closed.
 
         The reject goes out before the log record and the metric, from bytes made at import:
         those allocate, and at the edge of the address space an allocation that fails
