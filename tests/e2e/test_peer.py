@@ -106,6 +106,9 @@ def _nodes(
         routes=(
             [{"name": "to-pacs", "destinations": ["pacs"], "quiet_seconds": 0.5}] if orthanc else []
         ),
+        # killed in a test, B may have claimed its delivery to Orthanc already: its lease
+        # must run out within the test's wait (the default is 120 s), as A's does
+        worker={"lease_seconds": 3},
     )
     a = GatewayNode(
         tmp_path / "a",
