@@ -592,9 +592,10 @@ class DicomServer:
             request.shutdown(socket.SHUT_WR)
         self._refused_for_resources(f"{what}; rejected (transient)", {"error": type(exc).__name__})
         with contextlib.suppress(OSError, MemoryError):
-            # read what the peer sent (its A-ASSOCIATE-RQ), briefly and bounded: closing with
-            # unread bytes would send a reset that can discard the reject before it is read;
-            # into a buffer made at import, as there may be no memory for one now
+            # read what the peer still sends until it closes (its A-ASSOCIATE-RQ, when that
+            # was not waited for), briefly and bounded: closing with unread bytes would send
+            # a reset that can discard the reject before it is read; into a buffer made at
+            # import, as there may be no memory for one now
             request.settimeout(0.5)
             for _ in range(256):
                 if not request.recv_into(_DISCARD):

@@ -87,23 +87,29 @@ if MODE:
 """
 
 
-@pytest.mark.parametrize("mode", ["read", "decode"])
-def test_a_store_without_memory_midway_is_answered_and_the_association_goes_on(
-    tmp_path: Path, mode: str
-) -> None:
+def injected_node(tmp_path: Path, mode: str, **env: str) -> GatewayNode:
+    """A node (worker off) whose ``sitecustomize`` injects ``mode``'s fault (``INJECT``)."""
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(INJECT)
-    first = make_instance(tmp_path / "first.dcm", rows=1024, cols=768, seed=1)  # ~1.5 MB
-    second = make_instance(tmp_path / "second.dcm", rows=1024, cols=768, seed=2)
-    node = GatewayNode(
+    return GatewayNode(
         tmp_path / "node",
         worker={"enabled": False},
         env={
             "PYTHONPATH": os.pathsep.join([str(inject), *sys.path]),
             "GATEWAY_TEST_NO_MEMORY": mode,
+            **env,
         },
     )
+
+
+@pytest.mark.parametrize("mode", ["read", "decode"])
+def test_a_store_without_memory_midway_is_answered_and_the_association_goes_on(
+    tmp_path: Path, mode: str
+) -> None:
+    first = make_instance(tmp_path / "first.dcm", rows=1024, cols=768, seed=1)  # ~1.5 MB
+    second = make_instance(tmp_path / "second.dcm", rows=1024, cols=768, seed=2)
+    node = injected_node(tmp_path, mode)
     with node:
         ae = AE(ae_title="MODALITY")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -127,18 +133,8 @@ def test_a_store_without_memory_midway_is_answered_and_the_association_goes_on(
 
 
 def test_an_association_without_a_thread_is_rejected_as_transient(tmp_path: Path) -> None:
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(INJECT)
-    node = GatewayNode(
-        tmp_path / "node",
-        worker={"enabled": False},
-        env={
-            "PYTHONPATH": os.pathsep.join([str(inject), *sys.path]),
-            "GATEWAY_TEST_NO_MEMORY": "thread",
-            "GATEWAY_TEST_FAIL_NEXT_THREAD": str(tmp_path / "fail-next-thread"),
-        },
-    )
+    flag = tmp_path / "fail-next-thread"
+    node = injected_node(tmp_path, "thread", GATEWAY_TEST_FAIL_NEXT_THREAD=str(flag))
     with node:
         ae = AE(ae_title="MODALITY")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -147,7 +143,7 @@ def test_an_association_without_a_thread_is_rejected_as_transient(tmp_path: Path
         first = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert first.is_established
         first.release()
-        (tmp_path / "fail-next-thread").touch()
+        flag.touch()
         refused = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert not refused.is_established
         rj = refused.acceptor.primitive
