@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import AuditChainError
 from gateway.index.models import AuditEvent, AuditHead
+from gateway.index.prepared import Prepared
 from gateway.text import safe_text
 
 GENESIS = "0" * 64
@@ -52,6 +53,10 @@ _HASHED = (
     "detail",
     "prev_hash",
 )
+# every audited event runs these, on the DBAPI cursor (gateway.index.prepared)
+_RUN_LOCK_HEAD = Prepared(_LOCK_HEAD)
+_RUN_INSERT_EVENT = Prepared(_INSERT_EVENT, (*_HASHED, "hash"))
+_RUN_MOVE_HEAD = Prepared(_MOVE_HEAD)
 
 
 @dataclass(frozen=True)
@@ -91,11 +96,11 @@ def _digest_values(values: dict[str, Any]) -> str:
 def append(session: Session, record: AuditRecord, *, node: str, now: datetime) -> int:
     """Add ``record`` to the chain inside ``session``'s transaction; return its sequence.
 
-    Core statements on the session's connection (three per record: lock and read the head,
-    insert the row, move the head): this runs once per received instance.
+    Three statements on the session's connection (lock and read the head, insert the row,
+    move the head), run on its cursor: this runs once per received instance.
     """
     conn = session.connection()
-    seq, prev_hash = conn.execute(_LOCK_HEAD).one()
+    seq, prev_hash = _RUN_LOCK_HEAD.one(conn)
     values: dict[str, Any] = {
         "seq": seq + 1,
         "recorded_at": now,
@@ -114,8 +119,8 @@ def append(session: Session, record: AuditRecord, *, node: str, now: datetime) -
         "prev_hash": prev_hash,
     }
     values["hash"] = _digest_values(values)
-    conn.execute(_INSERT_EVENT, values)
-    conn.execute(_MOVE_HEAD, {"new_seq": values["seq"], "new_hash": values["hash"]})
+    _RUN_INSERT_EVENT.rowcount(conn, values)
+    _RUN_MOVE_HEAD.rowcount(conn, {"new_seq": values["seq"], "new_hash": values["hash"]})
     return int(values["seq"])
 
 

@@ -40,6 +40,7 @@ from gateway.index import deliveries
 from gateway.index.db import Database
 from gateway.index.group_commit import GroupCommit
 from gateway.index.models import Instance, RouteCandidate, Series, Study
+from gateway.index.prepared import Prepared
 from gateway.ingest.parse import PrefixedReader, read_header
 from gateway.metrics import Metrics
 from gateway.received import UnreadableValue, value_texts
@@ -84,6 +85,29 @@ _SERIES_SEEN = (
     .values(instance_count=_SERIES.c.instance_count + 1)
     .returning(_SERIES.c.instance_count)
 )
+# The statements every instance runs, on the DBAPI cursor (gateway.index.prepared).
+_INSTANCE_COLUMNS = (
+    "spool_key",
+    "sop_instance_uid",
+    "version",
+    "sop_class_uid",
+    "transfer_syntax_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "modality",
+    "instance_number",
+    "size",
+    "sha256",
+    "received_at",
+    "calling_ae_title",
+    "called_ae_title",
+    "calling_address",
+    "association_id",
+)
+_RUN_VERSIONS = Prepared(_VERSIONS)
+_RUN_INSERT_INSTANCE = Prepared(_INSERT_INSTANCE, _INSTANCE_COLUMNS)
+_RUN_STUDY_SEEN = Prepared(_STUDY_SEEN)
+_RUN_SERIES_SEEN = Prepared(_SERIES_SEEN)
 
 
 @functools.cache
@@ -383,7 +407,7 @@ class IngestService:
     ) -> tuple[str, bool]:
         ds = header.values
         conn = s.connection()
-        versions = conn.execute(_VERSIONS, {"sop_instance_uid": request.sop_instance_uid}).all()
+        versions = _RUN_VERSIONS.all(conn, {"sop_instance_uid": request.sop_instance_uid})
         base = AuditRecord(
             event_type,
             "success",
@@ -396,7 +420,7 @@ class IngestService:
             status=st.SUCCESS,
         )
         node = self.cfg.node.name
-        if any(v.sha256 == sha256 for v in versions):
+        if any(digest == sha256 for _version, digest in versions):
             append(
                 s,
                 _with(
@@ -422,10 +446,10 @@ class IngestService:
                 now=now,
             )
             return "rejected-duplicate", False
-        version = max((v.version for v in versions), default=0) + 1
+        version = max((v for v, _digest in versions), default=0) + 1
         modality = _text(ds, "Modality", 16)
-        instance_id: int = conn.execute(
-            _INSERT_INSTANCE,
+        (instance_id,) = _RUN_INSERT_INSTANCE.one(
+            conn,
             dict(
                 spool_key=key,
                 sop_instance_uid=request.sop_instance_uid,
@@ -444,7 +468,7 @@ class IngestService:
                 calling_address=info.address[:64],
                 association_id=info.association_id,
             ),
-        ).scalar_one()
+        )
         self._summaries(conn, ds, header, modality, now)
         streamed = self._route(s, info, ds, header, instance_id, now)
         detail: dict[str, object] = {"association_id": info.association_id, "size": size}
@@ -458,8 +482,10 @@ class IngestService:
         self, conn: Connection, ds: Dataset, header: _Header, modality: str, now: datetime
     ) -> None:
         study_upsert, series_upsert = _upserts(conn.dialect.name)
-        seen = conn.execute(_STUDY_SEEN, {"uid": header.study_instance_uid, "received_at": now})
-        if seen.rowcount != 1:  # the study's first instance (the upsert: another node may too)
+        seen = _RUN_STUDY_SEEN.rowcount(
+            conn, {"uid": header.study_instance_uid, "received_at": now}
+        )
+        if seen != 1:  # the study's first instance (the upsert: another node may too)
             conn.execute(
                 study_upsert,
                 {
@@ -480,9 +506,8 @@ class IngestService:
                     "last_received_at": now,
                 },
             )
-        new_series = conn.execute(
-            _SERIES_SEEN, {"uid": header.series_instance_uid}
-        ).scalar_one_or_none()
+        counted = _RUN_SERIES_SEEN.first(conn, {"uid": header.series_instance_uid})
+        new_series = None if counted is None else counted[0]
         if new_series is None:
             new_series = conn.execute(
                 series_upsert,
