@@ -7,7 +7,7 @@ assignment validated), encodes it once to learn the group length and once more t
 status and the response on the wire. Implicit VR Little Endian (PS3.7 6.3.1) encodes each
 element on its own, so the command set is the concatenation, in tag order, of its elements'
 encodings; :func:`store_response` takes each from pydicom
-(:func:`gateway.dicom.element_encoding.encode_elements` of that element alone), keeps those
+(:func:`gateway.dicom.element_encoding.encode_element`), keeps those
 whose values repeat (the SOP Class, the command field, the data set type, the status, the
 message ID) and encodes only the SOP Instance UID anew; the group length's value is the
 length of the rest, as pynetdicom's ``_set_command_group_length`` computes it. The tests
@@ -34,7 +34,7 @@ from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
-from gateway.dicom.element_encoding import encode_elements
+from gateway.dicom.element_encoding import encode_element
 from gateway.dicom.spool_io import open_plain
 
 _OPTIONAL = ("OffendingElement", "ErrorComment")
@@ -46,7 +46,7 @@ DATA_SET_FOLLOWS = 0x0001  # CommandDataSetType: pynetdicom's value when one fol
 
 def _element(keyword: str, value: Any) -> bytes:
     """pydicom's Implicit VR Little Endian encoding of one command element."""
-    return encode_elements({keyword: value}, implicit_vr=True)
+    return encode_element(keyword, value, implicit_vr=True)
 
 
 _repeated = functools.lru_cache(maxsize=4096)(_element)

@@ -31,7 +31,7 @@ from pynetdicom import (
 )
 from pynetdicom.dsutils import create_file_meta
 
-from gateway.dicom.element_encoding import encode_elements
+from gateway.dicom.element_encoding import encode_element, encode_elements
 
 
 def _write(**elements: Any) -> bytes:
@@ -65,7 +65,7 @@ def encoded(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> 
     (pynetdicom's implementation UID and version name), which must not be empty."""
     rest = (
         _head(sop_class_uid)
-        + _write(MediaStorageSOPInstanceUID=UID(sop_instance_uid))
+        + encode_element("MediaStorageSOPInstanceUID", UID(sop_instance_uid), implicit_vr=False)
         + _tail(transfer_syntax)
     )
     return _group_length(len(rest)) + rest

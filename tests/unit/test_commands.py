@@ -17,7 +17,7 @@ from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 
-from gateway.dicom import commands
+from gateway.dicom import commands, element_encoding
 from gateway.dicom.guard import GuardedDIMSE
 from gateway.dicom.reactor import _FileStoreDIMSE
 from gateway.dicom.server import _any_uid_text
@@ -211,3 +211,36 @@ def test_a_request_without_a_file_takes_pynetdicoms_path() -> None:
     response = _response("1.2.3", 0)
     response._dataset_path = (Path("x.dcm"), 0)
     assert not commands.send_file_store(SimpleNamespace(), response, 1)
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("AffectedSOPInstanceUID", "1.2.3"),
+        ("AffectedSOPInstanceUID", "1." + "2" * 90),
+        ("AffectedSOPInstanceUID", "not a uid"),
+        ("MediaStorageSOPInstanceUID", UID("1.2.34")),
+        ("MessageIDBeingRespondedTo", 65535),
+        ("Status", 0xA700),
+        ("MoveOriginatorApplicationEntityTitle", "SCU"),
+        ("ErrorComment", "odd"),
+        ("FileMetaInformationVersion", b"\x00\x01"),
+        ("Status", -1),  # out of range for US: refused by both
+    ],
+)
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_one_element_as_pydicom_writes_it_in_a_data_set(
+    keyword: str, value: Any, implicit_vr: bool
+) -> None:
+    def outcome(encode: Any, *args: Any) -> bytes | str:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns of invalid values in both
+                return bytes(encode(*args, implicit_vr=implicit_vr))
+        except Exception as exc:  # noqa: BLE001 - the refusal is compared
+            return type(exc).__name__
+
+    expected = outcome(element_encoding.encode_elements, {keyword: value})
+    assert outcome(element_encoding.encode_element, keyword, value) == expected
+    if keyword == "Status" and value == -1:
+        assert isinstance(expected, str)  # the refusal is pydicom's, on both paths
