@@ -163,3 +163,29 @@ def test_a_column_default_must_be_given(database: Database) -> None:
     partial = Prepared(insert(_INSTANCES), ["spool_key", "sop_instance_uid"])
     with database.session() as s, pytest.raises(ValueError, match="version"):
         partial.rowcount(s.connection(), {"spool_key": "k", "sop_instance_uid": "1.2"})
+
+
+def test_a_locked_sqlite_index_fails_the_transaction_as_index_error(tmp_path: Path) -> None:
+    """Every SQLite transaction begins on the driver's connection (BEGIN IMMEDIATE in the
+    engine's begin event): a writer that cannot get the lock within the busy timeout is an
+    IndexError_, as it was through SQLAlchemy's execution; a reader is not held up (WAL)."""
+    import sqlite3
+
+    path = tmp_path / "index.sqlite3"
+    db = Database(f"sqlite:///{path}", busy_timeout=0.2)
+    db.migrate()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(IndexError_, match="OperationalError"), db.session() as s:
+            s.connection()
+        with db.read() as s:  # a deferred BEGIN: reads the last commit
+            assert s.execute(select(Instance)).all() == []
+        holder.execute("ROLLBACK")
+        with db.session() as s:  # the lock gone, the next writer goes ahead
+            service._RUN_INSERT_INSTANCE.one(
+                s.connection(), _instance("k1", "1.9.1", datetime(2026, 12, 7, tzinfo=UTC))
+            )
+    finally:
+        holder.close()
+        db.dispose()
