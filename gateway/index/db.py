@@ -11,6 +11,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,7 @@ class Database:
                 pool_size=8,
                 max_overflow=16,
             )
-            _sqlite_setup(self.engine)
+            _sqlite_setup(self.engine, busy_timeout)
         else:
             self.engine = create_engine(
                 url,
@@ -102,7 +103,13 @@ class Database:
         self.engine.dispose()
 
 
-def _sqlite_setup(engine: Engine) -> None:
+# A writer that finds another process's write lock polls for it at these intervals (doubling
+# from the first), up to the busy timeout.
+LOCK_POLL_FIRST = 0.0002
+LOCK_POLL_MAX = 0.001
+
+
+def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
@@ -120,6 +127,34 @@ def _sqlite_setup(engine: Engine) -> None:
         # execution of the statement (~0.2 ms of Python in the node) was most of the cost
         dbapi_connection = conn.connection.dbapi_connection
         try:
-            dbapi_connection.execute(statement)
+            if read_only:
+                dbapi_connection.execute(statement)
+            else:
+                _begin_immediate(dbapi_connection, busy_timeout)
         except sqlite3.Error as exc:  # as SQLAlchemy's execution raises it ("locked")
             raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
+
+
+def _begin_immediate(dbapi_connection: Any, busy_timeout: float) -> None:
+    """``BEGIN IMMEDIATE``, waiting at most ``busy_timeout`` for another process's write lock
+    (receiver processes, the delivery worker's process): polled every 0.2-1 ms, where
+    SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between tries. Within a
+    process, writers queue on ``Database._writer`` instead. The connection's busy timeout,
+    which every other statement keeps, is off only for these tries."""
+    deadline = time.monotonic() + busy_timeout
+    delay = LOCK_POLL_FIRST
+    dbapi_connection.execute("PRAGMA busy_timeout = 0")
+    try:
+        while True:
+            try:
+                dbapi_connection.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+                left = deadline - time.monotonic()
+                if not busy or left <= 0:
+                    raise
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, LOCK_POLL_MAX)
+    finally:
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")

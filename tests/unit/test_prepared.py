@@ -189,3 +189,64 @@ def test_a_locked_sqlite_index_fails_the_transaction_as_index_error(tmp_path: Pa
     finally:
         holder.close()
         db.dispose()
+
+
+def test_a_writer_waits_for_another_processes_lock_then_goes_ahead(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE polls for the write lock another connection holds (SQLite's busy
+    handler is off only for those tries): the writer goes ahead once it is released, and
+    the connection keeps its busy timeout for everything else."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "index.sqlite3"
+    db = Database(f"sqlite:///{path}", busy_timeout=5.0)
+    db.migrate()
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release() -> None:
+        holder.execute("ROLLBACK")
+        released.set()
+
+    timer = threading.Timer(0.3, release)
+    timer.start()
+    try:
+        with db.session() as s:
+            conn = s.connection()
+            assert released.is_set()  # it waited for the lock, then took it
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
+            service._RUN_INSERT_INSTANCE.one(
+                conn, _instance("k1", "1.9.1", datetime(2026, 12, 7, tzinfo=UTC))
+            )
+        with db.read() as s:
+            assert s.execute(select(Instance.spool_key)).scalars().all() == ["k1"]
+    finally:
+        timer.cancel()
+        holder.close()
+        db.dispose()
+
+
+def test_begin_errors_other_than_busy_are_not_retried(tmp_path: Path) -> None:
+    from gateway.index import db as db_module
+
+    class Refusing:
+        def __init__(self) -> None:
+            self.statements: list[str] = []
+
+        def execute(self, statement: str) -> None:
+            self.statements.append(statement)
+            if statement == "BEGIN IMMEDIATE":
+                import sqlite3
+
+                raise sqlite3.OperationalError("disk I/O error")
+
+    refusing = Refusing()
+    with pytest.raises(Exception, match="disk I/O error"):
+        db_module._begin_immediate(refusing, 5.0)
+    # one try, and the busy timeout put back
+    assert refusing.statements == [
+        "PRAGMA busy_timeout = 0",
+        "BEGIN IMMEDIATE",
+        "PRAGMA busy_timeout = 5000",
+    ]
