@@ -203,18 +203,18 @@ def test_a_writer_waits_for_another_processes_lock_then_goes_ahead(tmp_path: Pat
     db.migrate()
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN IMMEDIATE")
-    released = threading.Event()
+    releasing = threading.Event()
 
     def release() -> None:
+        releasing.set()
         holder.execute("ROLLBACK")
-        released.set()
 
     timer = threading.Timer(0.3, release)
     timer.start()
     try:
         with db.session() as s:
             conn = s.connection()
-            assert released.is_set()  # it waited for the lock, then took it
+            assert releasing.is_set()  # it waited for the lock, then took it
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 5000
             service._RUN_INSERT_INSTANCE.one(
                 conn, _instance("k1", "1.9.1", datetime(2026, 12, 7, tzinfo=UTC))
@@ -223,6 +223,7 @@ def test_a_writer_waits_for_another_processes_lock_then_goes_ahead(tmp_path: Pat
             assert s.execute(select(Instance.spool_key)).scalars().all() == ["k1"]
     finally:
         timer.cancel()
+        timer.join()  # the holder is closed only once its thread is done with it
         holder.close()
         db.dispose()
 
