@@ -142,7 +142,7 @@ class Prepared:
         return rows[0]
 
     def rowcount(self, conn: Connection, params: Mapping[str, Any] | None = None) -> int:
-        """Rows an UPDATE or DELETE matched."""
+        """Rows an INSERT, UPDATE or DELETE wrote or matched."""
         cursor = self._execute(conn, params or {})
         try:
             return int(cursor.rowcount)
