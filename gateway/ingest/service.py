@@ -86,24 +86,8 @@ _SERIES_SEEN = (
     .returning(_SERIES.c.instance_count)
 )
 # The statements every instance runs, on the DBAPI cursor (gateway.index.prepared).
-_INSTANCE_COLUMNS = (
-    "spool_key",
-    "sop_instance_uid",
-    "version",
-    "sop_class_uid",
-    "transfer_syntax_uid",
-    "study_instance_uid",
-    "series_instance_uid",
-    "modality",
-    "instance_number",
-    "size",
-    "sha256",
-    "received_at",
-    "calling_ae_title",
-    "called_ae_title",
-    "calling_address",
-    "association_id",
-)
+# the row's columns but its key: _index gives every one (Prepared refuses a default not given)
+_INSTANCE_COLUMNS = tuple(c.key for c in _INSTANCES.c if not c.primary_key)
 _RUN_VERSIONS = Prepared(_VERSIONS)
 _RUN_INSERT_INSTANCE = Prepared(_INSERT_INSTANCE, _INSTANCE_COLUMNS)
 _RUN_STUDY_SEEN = Prepared(_STUDY_SEEN)
