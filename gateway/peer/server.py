@@ -112,6 +112,11 @@ class Refusal(Exception):
         self.extra = extra
 
 
+def _folder_name(sender: str, package_id: str) -> str:
+    # never a name from the wire: a hash of the authenticated sender and the package id
+    return hashlib.sha256(f"{sender}\0{package_id}".encode()).hexdigest()[:32]
+
+
 def _write_durable(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".tmp-{new_id()}")
     with tmp.open("wb") as f:
@@ -146,6 +151,34 @@ class Receiver:
         self.staging = cfg.state_dir / "peer-staging"
         self.staging.mkdir(parents=True, exist_ok=True)
         self._commit_lock = threading.Lock()
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """What a crash left in staging: the folder of a package already ingested (killed
+        between the commit and the folder's removal) goes; an open package keeps its manifest
+        and verified instances for the sender to resume, and loses its temporary files."""
+        for folder in sorted(self.staging.iterdir()):
+            if not folder.is_dir():
+                continue
+            if self._ingested(folder) or not (folder / _MANIFEST).exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            for leftover in folder.glob(".*"):  # .plain-*, .ingest-*, .tmp-*
+                leftover.unlink(missing_ok=True)
+
+    def _ingested(self, folder: Path) -> bool:
+        try:
+            payload = json.loads((folder / _MANIFEST).read_bytes())["payload"]
+            sender, package_id = payload["sender"], payload["package_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if not isinstance(sender, str) or not isinstance(package_id, str):
+            return False
+        if _folder_name(sender, package_id) != folder.name:
+            return False
+        with self.db.session() as s:
+            row = s.get(PeerPackage, package_id)
+            return row is not None and row.sender == sender
 
     # --- identity and audit ---------------------------------------------------------------
     def identify(self, der: bytes | None) -> PeerTrust:
@@ -191,9 +224,7 @@ class Receiver:
 
     # --- helpers --------------------------------------------------------------------------
     def _folder(self, peer: PeerTrust, package_id: str) -> Path:
-        # never a name from the wire: a hash of the authenticated sender and the package id
-        digest = hashlib.sha256(f"{peer.name}\0{package_id}".encode()).hexdigest()[:32]
-        return self.staging / digest
+        return self.staging / _folder_name(peer.name, package_id)
 
     def _verify(self, peer: PeerTrust, package_id: str, document: bytes) -> Manifest:
         if not _PACKAGE_ID.fullmatch(package_id):
@@ -243,10 +274,11 @@ class Receiver:
     # --- requests -------------------------------------------------------------------------
     def put_manifest(self, peer: PeerTrust, package_id: str, document: bytes) -> dict[str, Any]:
         manifest = self._verify(peer, package_id, document)
+        folder = self._folder(peer, package_id)
         done = self._committed(peer, package_id)
         if done is not None:
+            shutil.rmtree(folder, ignore_errors=True)  # left by a crash after the commit
             return done
-        folder = self._folder(peer, package_id)
         folder.mkdir(exist_ok=True)
         _write_durable(folder / _MANIFEST, document)
         held = [
@@ -299,6 +331,7 @@ class Receiver:
         with self._commit_lock:
             done = self._committed(peer, package_id)
             if done is not None:
+                shutil.rmtree(self._folder(peer, package_id), ignore_errors=True)
                 return done
             folder, document, manifest = self._staged_manifest(peer, package_id)
             missing = [

@@ -7,9 +7,11 @@ that crafts packages with a node's own keys.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import json
+import os
 import socket
 import sqlite3
 import ssl
@@ -376,3 +378,46 @@ def test_refusals_are_audited_and_ingest_nothing(tmp_path: Path, pki: Pki) -> No
     assert _count(b, "select count(*) from peer_packages where sender = 'node-a'") == 2
     assert _count(b, "select count(*) from peer_packages") == 2
     assert _count(c, "select count(*) from instances") == 0
+
+
+def test_staging_left_by_a_crash_is_swept_on_start(tmp_path: Path, pki: Pki) -> None:
+    """Killed between a package's commit and the removal of its staging folder, B drops that
+    folder on its next start; an open package keeps its verified instances for the sender to
+    resume and loses only the temporary files a crash left beside them."""
+    a, b, _ = _nodes(tmp_path, pki, None)
+    files = _study(tmp_path, 3)
+    staging = b.state_dir / "peer-staging"
+    with b:
+        client = Client(a, b)
+        done_doc, done_sealed = _package(a, b, "pkg-done", files)
+        status, body = _send(client, "pkg-done", done_doc, done_sealed)
+        assert status == 200 and body["state"] == "complete", body
+        open_doc, open_sealed = _package(a, b, "pkg-open", files)
+        assert client.call("PUT", "pkg-open/manifest", open_doc)[0] == 200
+        assert client.call("PUT", "pkg-open/instances/0", open_sealed[0]) == (200, {"held": 0})
+        (open_folder,) = [p for p in staging.iterdir() if p.is_dir()]
+        (held,) = open_folder.glob("*.dcm")
+        b.kill()
+    # what a kill after pkg-done's commit and during pkg-open's next instance leaves behind
+    done_folder = staging / hashlib.sha256(b"node-a\0pkg-done").hexdigest()[:32]
+    assert done_folder != open_folder
+    done_folder.mkdir()
+    (done_folder / "manifest.json").write_bytes(done_doc)
+    (done_folder / held.name).write_bytes(held.read_bytes())
+    os.link(done_folder / held.name, done_folder / ".ingest-0-leftover")
+    (open_folder / ".plain-leftover").write_bytes(b"partial")
+    (open_folder / ".tmp-leftover").write_bytes(b"partial")
+    nameless = staging / ("0" * 32)  # a manifest that never became durable
+    nameless.mkdir()
+    (nameless / ".tmp-leftover").write_bytes(b"partial")
+    with b:
+        assert not done_folder.exists()
+        assert not nameless.exists()
+        assert sorted(p.name for p in open_folder.iterdir()) == sorted(["manifest.json", held.name])
+        status, body = client.call("PUT", "pkg-open/manifest", open_doc)
+        assert (status, body["held"]) == (200, [0])
+        status, body = _send(client, "pkg-open", open_doc, open_sealed)
+        assert status == 200 and body["state"] == "complete", body
+        assert list(staging.iterdir()) == []
+        assert b.cli("audit", "verify").returncode == 0
+    assert _count(b, "select count(*) from peer_packages") == 2

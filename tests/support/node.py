@@ -96,6 +96,7 @@ class GatewayNode:
         if peer is not None:
             self.peer_port = int(peer.get("port") or free_port())
             peer = {"enabled": True, "handshake_timeout": 3, **peer, "port": self.peer_port}
+        self.peer_enabled = peer is not None and bool(peer["enabled"])
         # with dicom={"tls": {...}}: the TLS listener's port (one is allocated unless given)
         self.tls_port: int | None = None
         if dicom and "tls" in dicom:
@@ -150,6 +151,7 @@ class GatewayNode:
 
     def start(self, timeout: float = 30.0) -> Self:
         log = self.log_path.open("ab")
+        offset = log.tell()  # this run's lines start here
         self.proc = subprocess.Popen(
             [*self.wrapper, GATEWAY, "serve", "-c", str(self.config_path)],
             stdout=log,
@@ -160,8 +162,10 @@ class GatewayNode:
         log.close()
         try:
             wait_for_port(self.port, timeout=timeout)
-            if self.receiver_processes > 1:  # the port takes connects before they accept
-                self.wait_for_log('"node started"', timeout=timeout)
+            # the port takes connects before other receiver processes accept, and the peer
+            # endpoint (where a probe's connect would be audited) starts after it
+            if self.receiver_processes > 1 or self.peer_enabled:
+                self.wait_for_log('"node started"', timeout=timeout, since=offset)
         except Exception as exc:
             self.kill()
             raise RuntimeError(f"node did not start:\n{self.log()}") from exc
@@ -209,9 +213,10 @@ class GatewayNode:
     def receiver_processes(self) -> int:
         return int(self.dicom.get("receiver_processes", 1))
 
-    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+    def wait_for_log(self, text: str, timeout: float = 30.0, *, since: int = 0) -> None:
+        """Until ``text`` is in the log from byte ``since`` on."""
         deadline = time.monotonic() + timeout
-        while text not in self.log_path.read_text(errors="replace"):
+        while text.encode() not in self.log_path.read_bytes()[since:]:
             if time.monotonic() > deadline or (self.proc and self.proc.poll() is not None):
                 raise RuntimeError(f"{text} not in the node's log")
             time.sleep(0.05)
