@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway import __version__
+from gateway import __version__, statelock
 from gateway.audit.chain import AuditRecord, append
 from gateway.audit.export import AuditExporter, tls_connector
 from gateway.clock import Clock, SystemClock
@@ -22,6 +22,7 @@ from gateway.dicom.qr_scu import UpstreamClient
 from gateway.dicom.server import DicomServer
 from gateway.dicom.tls import listener_context
 from gateway.errors import IndexError_
+from gateway.index import deliveries
 from gateway.index.db import Database
 from gateway.ingest.service import IngestService
 from gateway.metrics import Metrics
@@ -34,6 +35,7 @@ from gateway.qr.service import QRService
 from gateway.receiver_process import ReceiverProcess, metrics_file
 from gateway.routing.router import Router
 from gateway.spool.store import Spool
+from gateway.statelock import lease_owner_prefix, node_id
 from gateway.transfer.destinations import Destination, build_destinations
 from gateway.transfer.pipeline import Pipeline
 from gateway.transfer.prepare import DeidStep, check_profiles
@@ -117,8 +119,11 @@ class Node:
                     clock=self.clock,
                 )
             )
+        # this run's leases: <node id>:<run>:worker-<thread>, see gateway.statelock
+        self.lease_prefix = lease_owner_prefix(cfg.state_dir)
         self.worker = Worker(
             cfg,
+            lease_prefix=self.lease_prefix,
             pipeline=Pipeline([self.deid_step, self.seal_step]),
             db=self.db,
             spool=self.spool,
@@ -239,6 +244,7 @@ class Node:
         self._prepare_deliveries()
         self.db.migrate()
         removed = self.ingest.recover()
+        self._release_earlier_leases("started")
         if removed:
             log.warning(
                 "removed unacknowledged spool files left by a crash", extra={"count": removed}
@@ -321,6 +327,32 @@ class Node:
 
     def _worker_exited(self, code: int) -> None:
         self._audit_application("worker-exited", {"exit_code": code})
+        self._release_earlier_leases("worker-exited")
+
+    def _release_earlier_leases(self, why: str) -> None:
+        """The deliveries an earlier run of this node's workers (a killed ``serve``, a
+        worker process that died) had claimed, due again at once instead of when their
+        leases run out. Only ``serve`` calls it: it holds the state directory's lock
+        (``gateway.statelock``), so no process of an earlier run is alive, and a worker
+        process has just ended when it is told so."""
+        if not statelock.held():
+            return  # not the serve command (a Node in a test, a CLI command)
+        try:
+            with self.db.session() as s:
+                released = deliveries.release_leases(
+                    s,
+                    owners=f"{node_id(self.cfg.state_dir)}:",
+                    keep=self.lease_prefix,
+                    now=self.clock.now(),
+                )
+        except IndexError_:
+            log.warning("index unavailable; leases of an earlier run left to run out")
+            return
+        if released:
+            log.warning(
+                "deliveries of an earlier run taken again without waiting for their leases",
+                extra={"count": released, "reason": why},
+            )
 
     def _audit_application(self, outcome: str, detail: dict[str, object]) -> None:
         """The node's own start and stop, in the audit (ATNA Application Start/Stop)."""

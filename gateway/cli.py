@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from gateway import __version__, cli_keys, cli_peers, cli_pixels
+from gateway import __version__, cli_keys, cli_peers, cli_pixels, statelock
 from gateway.audit.chain import verify
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import AuditChainError, ConfigError, GatewayError, TransitionError
@@ -185,6 +185,7 @@ def _serve(cfg: GatewayConfig) -> int:
     from gateway.worker_process import ChildStartError, stop_signals
 
     configure()
+    statelock.acquire(cfg.state_dir)  # before anything is made or swept in the state dir
     node = Node(cfg)
     # new associations refused as soon as a stop is asked for, by each process
     stop = stop_signals(

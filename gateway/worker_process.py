@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import generate_latest
 
+from gateway import statelock
 from gateway.config import GatewayConfig
 
 if TYPE_CHECKING:
@@ -174,7 +175,10 @@ class ChildProcess(ABC):
                 self._digest,
             ]
             proc = subprocess.Popen(
-                cmd, pass_fds=(*channel.pass_fds, ready_w), stdin=subprocess.DEVNULL
+                cmd,
+                # with serve's lock of the state directory: held while any child lives
+                pass_fds=(*channel.pass_fds, ready_w, *statelock.inherited_fds()),
+                stdin=subprocess.DEVNULL,
             )
         except BaseException:
             for fd in (*channel.child_ends, *channel.parent_ends, ready_r, ready_w):

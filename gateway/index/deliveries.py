@@ -255,6 +255,23 @@ def claim(
     return None
 
 
+def release_leases(session: Session, *, owners: str, keep: str, now: datetime) -> int:
+    """Make due at once the deliveries leased by workers whose names start with ``owners``
+    but not ``keep``: earlier runs of this node, known to be dead (``serve`` holds the state
+    directory's lock, :mod:`gateway.statelock`), whose leases would otherwise have to run out.
+    Returns how many."""
+    result = session.execute(
+        update(Delivery)
+        .where(
+            Delivery.state == State.IN_PROGRESS.value,
+            Delivery.lease_owner.startswith(owners, autoescape=True),
+            ~Delivery.lease_owner.startswith(keep, autoescape=True),
+        )
+        .values(lease_expires_at=now - timedelta(seconds=1))
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
 def renew(session: Session, delivery_id: str, *, worker: str, until: datetime) -> bool:
     """Extend a lease still held by ``worker``; False if it was lost (expired, cancelled)."""
     result = session.execute(

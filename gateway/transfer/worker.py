@@ -72,6 +72,7 @@ class Worker:
         destinations: Mapping[str, Destination],
         pipeline: Pipeline | None = None,
         name: str = "worker",
+        lease_prefix: str = "",
     ) -> None:
         self.cfg = cfg
         self.db = db
@@ -81,6 +82,7 @@ class Worker:
         self.destinations = destinations
         self.pipeline = pipeline or Pipeline()
         self.name = name
+        self.lease_prefix = lease_prefix  # leases are held as <lease_prefix><name>-<thread>
         self.wakeup = threading.Event()
         self._stop = threading.Event()
         self._poll_lock = threading.Lock()
@@ -92,7 +94,10 @@ class Worker:
     def start(self) -> None:
         for i in range(self.cfg.worker.threads):
             t = threading.Thread(
-                target=self._loop, args=(f"{self.name}-{i}",), name=f"{self.name}-{i}", daemon=True
+                target=self._loop,
+                args=(f"{self.lease_prefix}{self.name}-{i}",),
+                name=f"{self.name}-{i}",
+                daemon=True,
             )
             t.start()
             self._threads.append(t)

@@ -20,7 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.support.datasets import make_ct_study, sha256_pixel, sop_instance_uids
-from tests.support.node import GatewayNode
+from tests.support.node import GATEWAY, GatewayNode
 from tests.support.peers import Orthanc, dcmtk, dcmtk_path
 from tests.support.pg import pg_conninfo
 
@@ -281,16 +281,27 @@ def test_sigkill_during_ingest(tmp_path: Path, orthanc: Orthanc) -> None:
 
 
 def test_sigkill_during_forward(tmp_path: Path, orthanc: Orthanc) -> None:
+    """The restarted node takes the killed run's delivery again at once, not after its lease
+    (ten minutes here) runs out; a second serve on the same state directory is refused."""
     total = 400
     files = make_ct_study(tmp_path / "study", total, seed=31)
     node = GatewayNode(
         tmp_path / "node",
         destinations=[destination(orthanc)],
         routes=[route(quiet=0.5)],
-        worker={"lease_seconds": 3},
+        worker={"lease_seconds": 600},
     )
     node.start()
     try:
+        second = subprocess.run(
+            [GATEWAY, "serve", "-c", str(node.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1, second.stderr
+        assert f"serve.lock: another dicom-gateway serve (pid {node.pid})" in second.stderr
+        assert c_echo(node) == 0x0000  # the first goes on serving
         storescu(node, files)
         wait_until("Orthanc to hold some", lambda: orthanc.count_instances() >= 40, 60, 0.02)
         node.kill()

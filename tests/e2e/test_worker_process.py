@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def _node(root: Path, orthanc: Orthanc) -> GatewayNode:
         root,
         destinations=[orthanc_destination(orthanc)],
         routes=[{"name": "all", "destinations": ["pacs"], "mode": "stream"}],
-        worker={"separate_process": True, "poll_interval": 5, "lease_seconds": 3},
+        # leases of ten minutes: a killed run's deliveries are taken again at once, without
+        # waiting for them (gateway.statelock)
+        worker={"separate_process": True, "poll_interval": 5, "lease_seconds": 600},
     )
 
 
@@ -70,14 +73,26 @@ def test_stream_through_worker_process_and_serve_killed(tmp_path: Path, orthanc:
 
 
 def test_worker_killed_is_replaced(tmp_path: Path, orthanc: Orthanc) -> None:
-    files = make_ct_study(tmp_path / "study", 10, seed=12)
+    """Killed idle and killed while forwarding: replaced each time, and what the dead one
+    had claimed is taken by its successor at once, not when its lease would run out."""
+    files = make_ct_study(tmp_path / "study", 60, seed=12)
     node = _node(tmp_path / "node", orthanc)
     with node:
         first = _worker_pid(node)
         os.kill(first, signal.SIGKILL)
         second = child_pid(node, "worker", exclude=[first])
         assert second != first, node.log()
-        storescu(node, files)
+        storescu(node, files[:10])
         assert orthanc.wait_for_instances(10, timeout=30) == 10
+        sender = threading.Thread(target=storescu, args=(node, files[10:]))
+        sender.start()
+        try:
+            assert orthanc.wait_for_instances(15, timeout=30) >= 15
+            os.kill(second, signal.SIGKILL)  # mid-stream
+        finally:
+            sender.join(60)
+        child_pid(node, "worker", exclude=[first, second])
+        assert orthanc.wait_for_instances(60, timeout=60) == 60, node.log()
         rows = node.cli_json("audit", "list", "--type", "application")
-    assert "worker-exited" in {r["outcome"] for r in rows}, rows
+    assert [r["outcome"] for r in rows].count("worker-exited") == 2, rows
+    assert sorted(orthanc.sop_instance_uids()) == sorted(sop_instance_uids(files))

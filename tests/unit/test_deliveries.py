@@ -210,6 +210,38 @@ def test_expired_lease_is_claimed_again(db: Database) -> None:
     assert _get(db, did).lease_expires_at == later + timedelta(seconds=90)
 
 
+def test_leases_of_an_earlier_run_of_this_node_are_released_at_once(db: Database) -> None:
+    """What ``serve`` does when it starts (or its worker process died): the deliveries held
+    by this node's earlier runs are due at once; its own run's, another node's (the same
+    thread names) and ended deliveries are left as they are."""
+    earlier, other_node, own, ended = (_create(db, study=f"1.2.{i}") for i in range(4))
+    owners = {
+        earlier: "aa11:run1:worker-0",
+        other_node: "bb22:run1:worker-0",
+        own: "aa11:run2:worker-0",
+        ended: "aa11:run1:worker-1",
+    }
+    for did, owner in owners.items():
+        c = _claim(db, owner, T0, capacity={"pacs": 4}, skip=frozenset())
+        assert c is not None
+    with db.session() as s:  # claim takes them in creation order: fix the owners by id
+        for did, owner in owners.items():
+            s.execute(update(Delivery).where(Delivery.id == did).values(lease_owner=owner))
+        s.execute(update(Delivery).where(Delivery.id == ended).values(state="delivered"))
+    later = T0 + timedelta(seconds=5)  # every lease still live
+    with db.session() as s:
+        released = deliveries.release_leases(s, owners="aa11:", keep="aa11:run2:", now=later)
+    assert released == 1
+    c = _claim(db, "aa11:run2:worker-1", later, capacity={"pacs": 4})
+    assert c is not None and c.delivery_id == earlier and c.attempt == 2
+    assert _claim(db, "aa11:run2:worker-1", later, capacity={"pacs": 4}) is None
+    # an owner prefix is matched as text: LIKE's wildcards in it match only themselves
+    with db.session() as s:
+        assert deliveries.release_leases(s, owners="a_1%", keep="zz", now=later) == 0
+    assert _get(db, own).lease_owner == "aa11:run2:worker-0"
+    assert _get(db, other_node).lease_expires_at == T0 + timedelta(seconds=LEASE)
+
+
 def test_renew_extends_a_held_lease(db: Database) -> None:
     did = _create(db)
     assert _claim(db, "w1", T0) is not None
