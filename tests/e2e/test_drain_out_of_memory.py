@@ -28,6 +28,7 @@ from pynetdicom import AE
 
 from tests.support.datasets import make_instance
 from tests.support.node import GatewayNode
+from tests.support.pdus import rejection
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -146,9 +147,7 @@ def test_an_association_without_a_thread_is_rejected_as_transient(tmp_path: Path
         flag.touch()
         refused = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert not refused.is_established
-        rj = refused.acceptor.primitive
-        assert rj is not None, node.log(50)
-        assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
+        assert rejection(refused) == (2, 3, 2), node.log(50)
         assert "rejected (transient)" in node.log(50)
         accepted = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert accepted.is_established

@@ -36,11 +36,11 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
-from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from tests.e2e.test_bad_input import canary
 from tests.support.datasets import build_instance, make_instance
 from tests.support.node import GatewayNode
+from tests.support.pdus import rejection
 
 pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit not installed")
 
@@ -79,21 +79,7 @@ def send(node: GatewayNode, path: Path, results: dict[str, object]) -> None:
     handlers = [(evt.EVT_FSM_TRANSITION, fsm)]
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, evt_handlers=handlers)
     if not assoc.is_established:
-        rj = getattr(assoc.acceptor, "primitive", None)
-        if rj is None:
-            # pynetdicom 3.0.4's requestor: once its connect is done it looks whether its
-            # socket is connected, and a reject that came back before it looked has closed
-            # it (FSM Sta5+Evt4->Sta1): it aborts without reading the reject, which its DUL
-            # left in the queue to the user
-            rj = next(
-                (p for p in list(assoc.dul.to_user_queue.queue) if isinstance(p, A_ASSOCIATE)),
-                None,
-            )
-        verdict = (
-            getattr(rj, "result", None),
-            getattr(rj, "result_source", None),
-            getattr(rj, "diagnostic", None),
-        )
+        verdict = rejection(assoc)
         results[path.name] = (
             "rejected-transient" if verdict == (2, 3, 2) else f"not {verdict} {trail}"
         )

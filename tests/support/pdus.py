@@ -15,6 +15,7 @@ import ssl
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -130,6 +131,26 @@ def first_pdu_type(data: bytes) -> int | None:
 
 
 # --------------------------------------------------------------------------- /proc probes
+
+
+def rejection(assoc: Any) -> tuple[Any, Any, Any]:
+    """(result, source, diagnostic) of the A-ASSOCIATE-RJ a pynetdicom requestor got.
+
+    pynetdicom 3.0.4's requestor, once its connect is done, looks whether its socket is
+    connected, and a reject that came back before it looked has closed it (FSM
+    Sta5+Evt4->Sta1): it aborts without reading the reject, which its DUL left in the queue
+    to the user. The reject is taken from there then."""
+    rj = getattr(assoc.acceptor, "primitive", None)
+    if rj is None:
+        rj = next(
+            (p for p in list(assoc.dul.to_user_queue.queue) if isinstance(p, A_ASSOCIATE)),
+            None,
+        )
+    return (
+        getattr(rj, "result", None),
+        getattr(rj, "result_source", None),
+        getattr(rj, "diagnostic", None),
+    )
 
 
 def proc_status(pid: int) -> dict[str, int]:
