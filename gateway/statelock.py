@@ -5,7 +5,7 @@ anything until it exits, and passes the descriptor to every child it starts (the
 receiver processes): the lock is the kernel's, on the open file, so it is held until the
 last process of that run has ended, however it ended. A second ``serve`` on the same state
 directory (a second unit, a restart while the first is still stopping) waits a few seconds
-for it and then refuses to start, naming the folder and the holder's pid, instead of
+for it and then refuses to start, naming the lock file and the holder's pid, instead of
 sweeping the first one's unacknowledged files as a crash's leftovers.
 
 Holding the lock, ``serve`` knows that nothing of an earlier run of this node is alive, so
