@@ -68,6 +68,7 @@ LOCAL_TYPES = {
     "c-echo": "Verification (C-ECHO)",
     "route": "Routing decision",
     "peer-receipt": "Signed receipt from a peer node",
+    "peer-staging-expired": "Abandoned peer package removed from staging",
 }
 
 # PS3.4 C.6.1 / C.6.2: the Query/Retrieve SOP classes a c-find/c-move/c-get row names by model

@@ -51,6 +51,7 @@ _POSITIVE_KEYS = frozenset(
         "handshake_timeout",
         "timeout",
         "max_package_bytes",
+        "staging_max_age_seconds",
         "max_results",
         "retrieve_timeout",
         "grant_scan_limit",

@@ -139,6 +139,7 @@ class PeerServerConfig:
     allow_tls12: bool = False
     handshake_timeout: float = 10.0
     max_package_bytes: int = 4294967296
+    staging_max_age_seconds: float = 604800.0  # an open package's staged instances kept
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ import re
 import shutil
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Protocol, cast
@@ -90,6 +91,7 @@ MAX_MANIFEST_BYTES: Final = 16 << 20
 _PACKAGE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _CHUNK = 1 << 20
 _MANIFEST = "manifest.json"
+EXPIRY_INTERVAL = 60.0  # seconds between looks for abandoned packages' staging
 
 
 class Refusal(Exception):
@@ -115,6 +117,23 @@ class Refusal(Exception):
 def _folder_name(sender: str, package_id: str) -> str:
     # never a name from the wire: a hash of the authenticated sender and the package id
     return hashlib.sha256(f"{sender}\0{package_id}".encode()).hexdigest()[:32]
+
+
+def _staged_summary(folder: Path) -> tuple[str, str, int]:
+    """(sender, package id, instance count) of the manifest staged in ``folder`` (verified
+    when it was written), or ("", "", 0) without a readable one."""
+    try:
+        payload = json.loads((folder / _MANIFEST).read_bytes())["payload"]
+        sender, package_id, count = (
+            payload["sender"],
+            payload["package_id"],
+            payload["instance_count"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", "", 0
+    if not isinstance(sender, str) or not isinstance(package_id, str) or not isinstance(count, int):
+        return "", "", 0
+    return sender, package_id, count
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -166,15 +185,53 @@ class Receiver:
             for leftover in folder.glob(".*"):  # .plain-*, .ingest-*, .tmp-*
                 leftover.unlink(missing_ok=True)
 
+    def expire_staging(self, now: float) -> int:
+        """Remove the staging of every open package nothing has been added to for
+        ``peer.staging_max_age_seconds`` (its sender stopped before the commit and has not
+        come back), each removal audited as ``peer-staging-expired``. Returns how many."""
+        max_age = self.cfg.peer.staging_max_age_seconds
+        removed = 0
+        with self._commit_lock:  # never under a commit reading the folder
+            for folder in sorted(self.staging.iterdir()):
+                try:
+                    entries = list(folder.iterdir())
+                    idle = now - max(p.stat().st_mtime for p in [folder, *entries])
+                except (NotADirectoryError, FileNotFoundError):
+                    continue
+                if idle < max_age:
+                    continue
+                sender, package_id, count = _staged_summary(folder)
+                held = sum(1 for p in entries if p.suffix == ".dcm")
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+                with self.db.session() as s:
+                    append(
+                        s,
+                        AuditRecord(
+                            "peer-staging-expired",
+                            "success",
+                            calling_ae_title=sender[:64],
+                            called_ae_title=self.own.name,
+                            detail={
+                                "package_id": package_id,
+                                "sender": sender,
+                                "instances": count,
+                                "instances_held": held,
+                                "idle_seconds": int(idle),
+                            },
+                        ),
+                        node=self.cfg.node.name,
+                        now=self.clock.now(),
+                    )
+                log.warning(
+                    "abandoned peer package removed from staging",
+                    extra={"package_id": package_id, "idle_seconds": int(idle)},
+                )
+        return removed
+
     def _ingested(self, folder: Path) -> bool:
-        try:
-            payload = json.loads((folder / _MANIFEST).read_bytes())["payload"]
-            sender, package_id = payload["sender"], payload["package_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        if not isinstance(sender, str) or not isinstance(package_id, str):
-            return False
-        if _folder_name(sender, package_id) != folder.name:
+        sender, package_id, _count = _staged_summary(folder)
+        if not sender or _folder_name(sender, package_id) != folder.name:
             return False
         with self.db.session() as s:
             row = s.get(PeerPackage, package_id)
@@ -598,6 +655,19 @@ class PeerServer:
             reuse_address=True,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        expiry = loop.create_task(self._expire_staging())
+        self.tasks.add(expiry)
+        expiry.add_done_callback(self.tasks.discard)
+
+    async def _expire_staging(self) -> None:
+        """Abandoned packages' staging removed at start and every ``EXPIRY_INTERVAL``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, self.receiver.expire_staging, time.time())
+            except (OSError, IndexError_):
+                log.warning("peer staging not expired this time", exc_info=True)
+            await asyncio.sleep(EXPIRY_INTERVAL)
 
     async def _cleanup(self) -> None:
         if self._server is not None:

@@ -89,6 +89,7 @@ def _nodes(
     *,
     third: bool = False,
     a_worker: dict[str, Any] | None = None,
+    b_peer: dict[str, Any] | None = None,
 ) -> tuple[GatewayNode, GatewayNode, GatewayNode | None]:
     b_port, c_port, a_port = free_port(), free_port(), free_port()
     url = "https://127.0.0.1:{}".format
@@ -102,7 +103,7 @@ def _nodes(
         tmp_path / "b",
         name="node-b",
         ae_title="NODEB",
-        peer={"port": b_port},
+        peer={"port": b_port, **(b_peer or {})},
         peers=b_peers,
         destinations=[orthanc_destination(orthanc)] if orthanc else [],
         routes=(
@@ -383,8 +384,9 @@ def test_refusals_are_audited_and_ingest_nothing(tmp_path: Path, pki: Pki) -> No
 def test_staging_left_by_a_crash_is_swept_on_start(tmp_path: Path, pki: Pki) -> None:
     """Killed between a package's commit and the removal of its staging folder, B drops that
     folder on its next start; an open package keeps its verified instances for the sender to
-    resume and loses only the temporary files a crash left beside them."""
-    a, b, _ = _nodes(tmp_path, pki, None)
+    resume and loses only the temporary files a crash left beside them; one nothing was added
+    to for ``staging_max_age_seconds`` is removed and audited."""
+    a, b, _ = _nodes(tmp_path, pki, None, b_peer={"staging_max_age_seconds": 3600})
     files = _study(tmp_path, 3)
     staging = b.state_dir / "peer-staging"
     with b:
@@ -398,9 +400,13 @@ def test_staging_left_by_a_crash_is_swept_on_start(tmp_path: Path, pki: Pki) -> 
         (open_folder,) = [p for p in staging.iterdir() if p.is_dir()]
         (held,) = open_folder.glob("*.dcm")
         b.kill()
+
+    def folder_of(package_id: str) -> Path:
+        return staging / hashlib.sha256(f"node-a\0{package_id}".encode()).hexdigest()[:32]
+
     # what a kill after pkg-done's commit and during pkg-open's next instance leaves behind
-    done_folder = staging / hashlib.sha256(b"node-a\0pkg-done").hexdigest()[:32]
-    assert done_folder != open_folder
+    done_folder = folder_of("pkg-done")
+    assert done_folder != open_folder == folder_of("pkg-open")
     done_folder.mkdir()
     (done_folder / "manifest.json").write_bytes(done_doc)
     (done_folder / held.name).write_bytes(held.read_bytes())
@@ -410,14 +416,31 @@ def test_staging_left_by_a_crash_is_swept_on_start(tmp_path: Path, pki: Pki) -> 
     nameless = staging / ("0" * 32)  # a manifest that never became durable
     nameless.mkdir()
     (nameless / ".tmp-leftover").write_bytes(b"partial")
+    # and a package its sender left open two hours ago
+    old_doc, _old_sealed = _package(a, b, "pkg-old", files)
+    old_folder = folder_of("pkg-old")
+    old_folder.mkdir()
+    (old_folder / "manifest.json").write_bytes(old_doc)
+    (old_folder / held.name).write_bytes(held.read_bytes())
+    two_hours_ago = time.time() - 7200
+    for path in [*old_folder.iterdir(), old_folder]:
+        os.utime(path, (two_hours_ago, two_hours_ago))
     with b:
         assert not done_folder.exists()
         assert not nameless.exists()
+        _wait(lambda: not old_folder.exists(), 20, "the abandoned package's staging to go")
         assert sorted(p.name for p in open_folder.iterdir()) == sorted(["manifest.json", held.name])
         status, body = client.call("PUT", "pkg-open/manifest", open_doc)
         assert (status, body["held"]) == (200, [0])
         status, body = _send(client, "pkg-open", open_doc, open_sealed)
         assert status == 200 and body["state"] == "complete", body
         assert list(staging.iterdir()) == []
+        (expired,) = b.cli_json("audit", "list", "--type", "peer-staging-expired")
         assert b.cli("audit", "verify").returncode == 0
     assert _count(b, "select count(*) from peer_packages") == 2
+    assert expired["calling_ae_title"] == "node-a"
+    detail = expired["detail"]
+    assert (detail["package_id"], detail["sender"]) == ("pkg-old", "node-a")
+    assert (detail["instances"], detail["instances_held"]) == (3, 1)
+    assert 7200 <= detail["idle_seconds"] < 7300
+    assert "abandoned peer package removed from staging" in b.log(200)
