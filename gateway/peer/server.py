@@ -202,8 +202,7 @@ class Receiver:
                     continue
                 sender, package_id, count = _staged_summary(folder)
                 held = sum(1 for p in entries if p.suffix == ".dcm")
-                shutil.rmtree(folder, ignore_errors=True)
-                removed += 1
+                # audited first: a removal is never without its row (a failed one is retried)
                 with self.db.session() as s:
                     append(
                         s,
@@ -223,6 +222,8 @@ class Receiver:
                         node=self.cfg.node.name,
                         now=self.clock.now(),
                     )
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
                 log.warning(
                     "abandoned peer package removed from staging",
                     extra={"package_id": package_id, "idle_seconds": int(idle)},
