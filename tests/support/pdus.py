@@ -130,9 +130,6 @@ def first_pdu_type(data: bytes) -> int | None:
     return data[0] if data else None
 
 
-# --------------------------------------------------------------------------- /proc probes
-
-
 def rejection(assoc: Any) -> tuple[Any, Any, Any]:
     """(result, source, diagnostic) of the A-ASSOCIATE-RJ a pynetdicom requestor got.
 
@@ -151,6 +148,9 @@ def rejection(assoc: Any) -> tuple[Any, Any, Any]:
         getattr(rj, "result_source", None),
         getattr(rj, "diagnostic", None),
     )
+
+
+# --------------------------------------------------------------------------- /proc probes
 
 
 def proc_status(pid: int) -> dict[str, int]:
