@@ -62,6 +62,9 @@ IDLE_WAIT = 0.05
 MEMORY_WAIT = 5.0
 """How long a PDU's read waits for memory to hold and decode it before it gives up (s)."""
 
+MEMORY_RETRY = 0.01
+"""How long the DUL's loop pauses when it had no memory to look at its socket (s)."""
+
 START_WAIT = 5.0
 """How long a new thread of an association may take to begin running before the thread
 that started it gives up on it (s)."""
@@ -257,14 +260,21 @@ class WaitingSocket(AssociationSocket):
         dul = self.assoc.dul
         if not isinstance(dul, WakingDUL):
             return bool(super().ready)
-        sock = self.socket
-        if sock is None or not self._is_connected:
-            dul.wait_if_idle(None)
+        try:
+            sock = self.socket
+            if sock is None or not self._is_connected:
+                dul.wait_if_idle(None)
+                return False
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return True  # TLS has decrypted bytes that select() cannot see
+            dul.wait_if_idle(sock)
+            return bool(super().ready) and self._brings_bytes(sock)
+        except MemoryError:
+            # F18: no memory even to look (select()'s lists): not ready now, looked at again
+            # on the DUL's next loop; pynetdicom's loop would abort the association. Its
+            # timers (ARTIM, the network timeout) still end one that never gets memory.
+            time.sleep(MEMORY_RETRY)
             return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True  # TLS has decrypted bytes that select() cannot see
-        dul.wait_if_idle(sock)
-        return bool(super().ready) and self._brings_bytes(sock)
 
     def waiting(self) -> bool:
         """Whether PDU bytes can be read now, found without waiting (and without queuing an
@@ -278,7 +288,7 @@ class WaitingSocket(AssociationSocket):
             return True
         try:
             readable, _, _ = select.select([sock], [], [], 0)
-        except (OSError, ValueError):
+        except (OSError, ValueError, MemoryError):
             return False
         return bool(readable) and self._brings_bytes(sock)
 

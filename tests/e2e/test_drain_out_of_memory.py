@@ -11,6 +11,10 @@ Expected: that C-STORE is drained, its remaining PDUs read without being held, a
 0xA700 (out of resources); the association goes on, and the next C-STORE on it is stored.
 Before, the association was aborted and the first C-STORE got no response.
 
+``select``: the association's DUL has no memory to look at its socket (``select()``
+raises ``MemoryError``) twenty times in a row. Expected: it looks again and the
+association goes on. Before, pynetdicom's loop aborted it (seen under ``prlimit --as``).
+
 ``thread``: starting an association's thread raises ``SystemError`` ("error return
 without exception set"), which CPython raised under ``prlimit --as`` where an allocation
 failed without setting ``MemoryError``. Expected: that association is rejected as transient
@@ -85,6 +89,20 @@ if MODE:
             raise SystemError("error return without exception set")
 
         server._GatewayAssociation.start = _start
+
+    if MODE == "select":  # no memory for select()'s lists, 20 looks in a row
+        flag = os.environ["GATEWAY_TEST_FAIL_SELECT"]  # the test makes it when ready
+        wait = reactor.WakingDUL._wait
+
+        def _wait(self, sock, timeout):
+            if os.path.exists(flag):
+                state["selects"] = state.get("selects", 0) + 1
+                if state["selects"] == 20:
+                    os.unlink(flag)
+                raise MemoryError
+            return wait(self, sock, timeout)
+
+        reactor.WakingDUL._wait = _wait
 """
 
 
@@ -153,3 +171,19 @@ def test_an_association_without_a_thread_is_rejected_as_transient(tmp_path: Path
         assert accepted.is_established
         assert int(accepted.send_c_echo().Status) == 0x0000
         accepted.release()
+
+
+def test_no_memory_to_look_at_the_socket_is_waited_out(tmp_path: Path) -> None:
+    flag = tmp_path / "fail-select"
+    node = injected_node(tmp_path, "select", GATEWAY_TEST_FAIL_SELECT=str(flag))
+    with node:
+        ae = AE(ae_title="MODALITY")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context("1.2.840.10008.1.1")
+        flag.touch()
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established, node.log(50)
+        assert int(assoc.send_c_echo().Status) == 0x0000
+        assoc.release()
+        assert not flag.exists(), "the fault was not met"
+        assert "Exception in DUL.run()" not in node.log(50)
