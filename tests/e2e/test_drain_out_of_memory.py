@@ -151,13 +151,18 @@ def test_a_store_without_memory_midway_is_answered_and_the_association_goes_on(
         assert incoming.is_dir() and not list(incoming.iterdir()), "a receive file was left"
 
 
+def _verification_ae() -> AE:
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae
+
+
 def test_an_association_without_a_thread_is_rejected_as_transient(tmp_path: Path) -> None:
     flag = tmp_path / "fail-next-thread"
     node = injected_node(tmp_path, "thread", GATEWAY_TEST_FAIL_NEXT_THREAD=str(flag))
     with node:
-        ae = AE(ae_title="MODALITY")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        ae.add_requested_context("1.2.840.10008.1.1")
+        ae = _verification_ae()
         # one association served first: the start-up's port probe has had its thread by then
         first = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert first.is_established
@@ -177,9 +182,7 @@ def test_no_memory_to_look_at_the_socket_is_waited_out(tmp_path: Path) -> None:
     flag = tmp_path / "fail-select"
     node = injected_node(tmp_path, "select", GATEWAY_TEST_FAIL_SELECT=str(flag))
     with node:
-        ae = AE(ae_title="MODALITY")
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        ae.add_requested_context("1.2.840.10008.1.1")
+        ae = _verification_ae()
         flag.touch()
         assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
         assert assoc.is_established, node.log(50)
