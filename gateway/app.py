@@ -120,7 +120,8 @@ class Node:
                 )
             )
         # this run's leases: <node id>:<run>:worker-<thread>, see gateway.statelock
-        self.lease_prefix = lease_owner_prefix(cfg.state_dir)
+        self.node_id = node_id(cfg.state_dir)
+        self.lease_prefix = lease_owner_prefix(self.node_id)
         self.worker = Worker(
             cfg,
             lease_prefix=self.lease_prefix,
@@ -341,7 +342,7 @@ class Node:
             with self.db.session() as s:
                 released = deliveries.release_leases(
                     s,
-                    owners=f"{node_id(self.cfg.state_dir)}:",
+                    owners=f"{self.node_id}:",
                     keep=self.lease_prefix,
                     now=self.clock.now(),
                 )

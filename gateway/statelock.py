@@ -27,7 +27,7 @@ import secrets
 import time
 from pathlib import Path
 
-from gateway.durable import fsync_dir
+from gateway.crypto.keys import write_private_file
 from gateway.errors import GatewayError
 
 LOCK_FILE = "serve.lock"
@@ -106,21 +106,10 @@ def node_id(state_dir: Path) -> str:
         return text
     if text:
         raise GatewayError(f"{path}: expected 16 lowercase hex digits, found {len(text)} chars")
-    made = secrets.token_hex(8)
-    tmp = path.with_name(f".{NODE_ID_FILE}-{made}")
-    tmp.write_text(made + "\n", encoding="ascii")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)  # never replaces an id another process made meanwhile
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(state_dir)
+    write_private_file(path, f"{secrets.token_hex(8)}\n".encode())  # or another's, made meanwhile
     return node_id(state_dir)
 
 
-def lease_owner_prefix(state_dir: Path) -> str:
-    """``<node id>:<run id>:``, new for each process: what its workers' leases start with."""
-    return f"{node_id(state_dir)}:{secrets.token_hex(4)}:"
+def lease_owner_prefix(node: str) -> str:
+    """``<node>:<run id>:``, new for each process: what its workers' leases start with."""
+    return f"{node}:{secrets.token_hex(4)}:"

@@ -71,7 +71,7 @@ def test_node_id_is_made_once_and_kept(tmp_path: Path) -> None:
     assert statelock.node_id(tmp_path) == first
     assert (tmp_path / "node-id").read_text() == first + "\n"
     assert [p.name for p in tmp_path.iterdir()] == ["node-id"]
-    a, b = statelock.lease_owner_prefix(tmp_path), statelock.lease_owner_prefix(tmp_path)
+    a, b = statelock.lease_owner_prefix(first), statelock.lease_owner_prefix(first)
     assert a.startswith(f"{first}:") and b.startswith(f"{first}:") and a != b
     (tmp_path / "node-id").write_text("not an id\n")
     with pytest.raises(GatewayError, match="node-id: expected 16 lowercase hex digits"):
