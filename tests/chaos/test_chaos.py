@@ -60,7 +60,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from tests.support.datasets import make_ct_study
-from tests.support.faultproxy import FaultProxy
+from tests.support.faultproxy import Fault, FaultProxy
 from tests.support.node import GATEWAY, GatewayNode
 from tests.support.peers import Orthanc
 
@@ -549,6 +549,11 @@ def one_round(
         node.kill()
         rnd.point, rnd.detail = "random", "it was up already"
         return rnd
+    if aim == "after-commit-before-response":
+        # strace counts every sendto: the destination black-holed for this round (its
+        # connects accepted, never answered), so the restarted node's forwarding, which
+        # resumes at once, does not take the count before the C-STORE-RSPs do
+        proxy.set(Fault(mode="blackhole"))
     node.start(timeout=60)
     rnd.start_seconds = time.monotonic() - begin
     # start-up recovery: nothing left of the previous crash before anything arrives
@@ -599,6 +604,7 @@ def one_round(
             rnd.point, rnd.detail = "random", "injection not reached"
     rnd.seconds = time.monotonic() - started
     node.kill()
+    proxy.set(Fault())
     if tracer is not None:
         tracer.wait(30)
     stop.set()
