@@ -103,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="data set cache and receivers' storage (bench/.work)",
     )
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the untimed py-spy run of each node receiver in the ingest scenario",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.scale = QUICK_SCALE
@@ -192,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_seconds=args.quiet_seconds,
         scale_factors=args.scale_factors,
         separate_worker=not args.worker_in_process,
+        profile=not args.no_profile,
+        out=out,
         log=log,
     )
     doc: dict[str, Any] = {

@@ -60,7 +60,7 @@ def _ingest_md(result: dict[str, Any]) -> list[str]:
         )
     for item in result.get("skipped", []):
         lines.append(f"\nNot run: {item}.")
-    return lines + _durability_md(result.get("durability"))
+    return lines + _durability_md(result.get("durability")) + _profile_md(result.get("profile"))
 
 
 def _durability_md(result: dict[str, Any] | None) -> list[str]:
@@ -88,6 +88,44 @@ def _durability_md(result: dict[str, Any] | None) -> list[str]:
             f"{row['folder_syncs_per_instance']:.2f} | {row['index_syncs_per_instance']:.2f} | "
             f"{row['syncs_per_instance']:.2f} | {row['sync_ms_per_instance']:.2f} |"
         )
+    return lines
+
+
+def _shares(items: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{i['name']} {100 * i['share']:.1f} %" for i in items)
+
+
+def _profile_md(result: dict[str, Any] | None) -> list[str]:
+    """Where each node receiver's CPU went while it ingested (bench.profile)."""
+    if not result:
+        return []
+    if result.get("not_measured"):
+        return ["", f"Node profile: not measured ({result['not_measured']})."]
+    lines = [
+        "",
+        f"Where the node's CPU goes: py-spy sampled each node receiver's processes "
+        f"({result['rate']} samples/s of the thread holding the interpreter lock, so waits are "
+        "not counted) while it took "
+        "the data set over one association, untimed. Shares of all samples: by the code the "
+        "innermost frame runs in; the functions that run most themselves (self); the node's "
+        "functions the most samples pass through (total).",
+    ]
+    for row in result["rows"]:
+        head = f"**{row['dataset']}, {row['system']}**"
+        if "error" in row:
+            lines += ["", f"{head}: FAILED: {row['error']}"]
+            continue
+        raw = f"; stacks: `{row['raw']}`" if row.get("raw") else ""
+        lines += [
+            "",
+            f"{head} ({row['instances']} instances, {row['samples']} samples{raw})",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| by part | {_shares(row['by_part'])} |",
+            f"| self | {_shares(row['self'])} |",
+            f"| total (node) | {_shares(row['total_gateway'])} |",
+        ]
     return lines
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import crypto_throughput, data, durability
+from bench import crypto_throughput, data, durability, profile
 from bench.procstat import TreeMonitor, wait_idle
 from bench.systems import (
     INGEST_SYSTEMS,
@@ -57,6 +57,10 @@ class Settings:
     quiet_seconds: float = 1.0
     scale_factors: tuple[int, ...] = SCALE_FACTORS
     worker_interval: float = 0.1
+    profile: bool = True
+    """Profile the node receivers' ingest with py-spy (:mod:`bench.profile`; ``--no-profile``)."""
+    out: Path | None = None
+    """The results folder, where files beside latest.json go (the profiles' raw stacks)."""
     separate_worker: bool = True
     """``worker.separate_process`` of the forwarding nodes (e2e, sealed transfer)."""
     timeout: float = 900.0
@@ -313,6 +317,59 @@ def _durability(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
     return {"instances": DURABILITY_INSTANCES, "calls": list(durability.SYNC_CALLS), "rows": rows}
 
 
+PROFILE_INSTANCES = 400
+"""At most this many instances of a data set in each node's profiled run (:mod:`bench.profile`)."""
+
+
+def _profile_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str, Any]:
+    """py-spy's samples of ``system``'s process tree while it takes the data set (its first
+    :data:`PROFILE_INSTANCES`) over one association (untimed)."""
+    files = ds.files[:PROFILE_INSTANCES]
+    with _receiving(settings, system, 1, f"profile-{ds.name}-{system}") as (receiver, root):
+
+        def send() -> None:
+            procs = start_storescu(
+                receiver.ae_title, receiver.port, files, 1, root / "storescu.log"
+            )
+            check_sender(wait_storescu(procs, settings.timeout), root / "storescu.log")
+
+        raw = root / "py-spy.txt"
+        samples = profile.record(receiver.pid, raw, send)
+        _check_stored(receiver, system, len(files))
+        kept = {}
+        if settings.out is not None:
+            # py-spy's collapsed stacks, for flamegraph.pl or speedscope
+            target = settings.out / f"profile-{ds.name}-{system}.txt"
+            shutil.copyfile(raw, target)
+            kept = {"raw": target.name}
+    return {"instances": len(files), **kept, **profile.summary(samples)}
+
+
+def _profiles(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
+    nodes = [s for s in systems if s in INGEST_NODES]
+    if not settings.profile:
+        return {"rows": [], "not_measured": "--no-profile"}
+    if profile.executable() is None:
+        return {"rows": [], "not_measured": "py-spy is not installed"}
+    rows: list[dict[str, Any]] = []
+    for name in settings.datasets:
+        ds = settings.dataset(name)
+        for system in nodes:
+            try:
+                result = _profile_once(settings, system, ds)
+            except MEASUREMENT_ERRORS as exc:
+                settings.failures.append(f"profile {name} {system}: {brief(exc)}")
+                settings.log(f"profile    {name:10s} {system:22s} FAILED: {exc}")
+                rows.append({"dataset": name, "system": system, "error": brief(exc)})
+                continue
+            parts = ", ".join(
+                f"{p['name']} {100 * p['share']:.0f} %" for p in result["by_part"][:4]
+            )
+            settings.log(f"profile    {name:10s} {system:22s} {result['samples']} samples: {parts}")
+            rows.append({"dataset": name, "system": system, **result})
+    return {"rate": profile.RATE, "rows": rows}
+
+
 def _ingest_rep(
     settings: Settings, ds: data.DataSet, conc: int, system: str, rep: int
 ) -> dict[str, float]:
@@ -389,6 +446,7 @@ def run_ingest(settings: Settings) -> dict[str, Any]:
         "ratio_meaning": "node median / peer median (>1: node faster, uses more RSS/CPU)",
         "skipped": skipped,
         "durability": _durability(settings, systems),
+        "profile": _profiles(settings, systems),
     }
 
 

@@ -158,6 +158,16 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert node["sync_ms_per_instance"] > 0
     assert durable["dcmtk-storescp-ignore"]["syncs_per_instance"] == 0
     assert "| data set | receiver | data file | folder | index |" in (out / "latest.md").read_text()
+    # the untimed profiled run: py-spy (a [test] extra) sampled the node receivers' processes,
+    # the receiver processes of node-rx2 too, in the node's own ingest code
+    profiled = {r["system"]: r for r in ingest["profile"]["rows"]}
+    assert set(profiled) == {"node", "node-rx2"}, ingest["profile"]
+    for row in profiled.values():
+        assert row["instances"] == 8 and row["samples"] > 0, row
+        assert abs(sum(p["share"] for p in row["by_part"]) - 1) < 0.01
+        assert any(t["name"].startswith("IngestService.store ") for t in row["total_gateway"])
+        assert (out / row["raw"]).read_text().strip()
+    assert "Where the node's CPU goes" in (out / "latest.md").read_text()
 
     e2e = doc["scenarios"]["e2e"]["result"]
     assert [r["system"] for r in e2e["rows"]] == ["node-stream", "direct"]
@@ -275,6 +285,38 @@ def test_bench_smoke_pixels_scale(tmp_path: Path) -> None:
     if doc.get("charts"):
         assert "scale.png" in doc["charts"]
         assert (out / "scale.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_profile_summary_of_raw_stacks() -> None:
+    """py-spy's collapsed stacks: each sample goes to the part its innermost frame is in;
+    self counts the innermost frame, total the node's frames once per sample."""
+    from bench import profile
+
+    site = "/srv/venv/lib/python3.11/site-packages"
+    std = "/usr/lib/python3.11"
+    node = "/work/gw/gateway"
+    store = f"IngestService.store ({node}/ingest/service.py:280)"
+    raw = "\n".join(
+        [
+            f'process 7:"dicom-gateway serve";run ({std}/threading.py:975);{store};'
+            f"dcmread ({site}/pydicom/filereader.py:1000) 6",
+            f'process 7:"dicom-gateway serve";{store};_index ({node}/ingest/service.py:400);'
+            f"_index ({node}/ingest/service.py:410) 3",
+            f'process 9:"receiver";wait ({std}/threading.py:320) 1',
+            'process 7:"dicom-gateway serve";a broken line',
+            "",
+        ]
+    )
+    parsed = profile.parse(raw)
+    assert parsed.samples == 10
+    assert dict(parsed.by_part) == {"pydicom": 6, "gateway.ingest": 3, "stdlib": 1}
+    assert parsed.self_samples["dcmread (pydicom/filereader.py)"] == 6
+    assert parsed.total_samples["IngestService.store (gateway/ingest/service.py)"] == 9
+    assert parsed.total_samples["_index (gateway/ingest/service.py)"] == 3  # once per sample
+    summary = profile.summary(parsed)
+    assert summary["by_part"][0] == {"name": "pydicom", "share": 0.6}
+    assert profile.part(f"{site}/SQLAlchemy/orm/session.py") == "sqlalchemy"
+    assert profile.part(f"{node}/cli.py") == "gateway"
 
 
 def test_split_and_alternating() -> None:
