@@ -310,6 +310,7 @@ class Node:
     def stop_receiver(self, grace: float = 10.0) -> None:
         self.server.stop(grace)
         self.server.ledger.close()
+        self.ingest.close()
         self.db.dispose()
 
     def start_worker(self) -> None:
@@ -414,6 +415,7 @@ class Node:
         self._audit_application("stopped", {"grace_seconds": grace})
         if self.audit_exporter is not None:
             self.audit_exporter.stop(timeout=grace)
+        self.ingest.close()
         self.db.dispose()
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from gateway.errors import AuditChainError
@@ -93,13 +93,14 @@ def _digest_values(values: dict[str, Any]) -> str:
     return hashlib.sha256(encoded).hexdigest()
 
 
-def append(session: Session, record: AuditRecord, *, node: str, now: datetime) -> int:
-    """Add ``record`` to the chain inside ``session``'s transaction; return its sequence.
+def append(session: Session | Connection, record: AuditRecord, *, node: str, now: datetime) -> int:
+    """Add ``record`` to the chain inside ``session``'s transaction (a session's, or a
+    connection's in a transaction); return its sequence.
 
     Three statements on the session's connection (lock and read the head, insert the row,
     move the head), run on its cursor: this runs once per received instance.
     """
-    conn = session.connection()
+    conn = session if isinstance(session, Connection) else session.connection()
     seq, prev_hash = _RUN_LOCK_HEAD.one(conn)
     values: dict[str, Any] = {
         "seq": seq + 1,

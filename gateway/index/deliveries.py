@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from gateway.ids import new_id
@@ -88,7 +88,7 @@ def create(
 
 
 def append_to_open(
-    session: Session,
+    session: Session | Connection,
     *,
     study_instance_uid: str,
     route_name: str,
@@ -101,8 +101,8 @@ def append_to_open(
     """Add an instance to this study's unclaimed delivery for the route, or start one that
     is claimable ``linger`` from now (so the study's next instances join it and one
     association carries them); return the delivery's id. Core statements: this runs once
-    per streamed instance."""
-    conn = session.connection()
+    per streamed instance. ``session``: a session, or a connection in a transaction."""
+    conn = session if isinstance(session, Connection) else session.connection()
     open_id = conn.execute(
         _OPEN_DELIVERY,
         {
@@ -113,18 +113,25 @@ def append_to_open(
         },
     ).scalar_one_or_none()
     if open_id is None:
-        delivery = create(
-            session,
-            study_instance_uid=study_instance_uid,
-            route_name=route_name,
-            destination=destination,
-            profile=profile,
-            instance_ids=[instance_id],
-            now=now,
-            claimable_at=now + linger,
-        )
-        session.flush()  # the next Core statement in this transaction must see it
-        return delivery.id
+        # a study's first instance on the route: the ORM's rows, in the connection's
+        # transaction (a session bound to it joins that transaction, and commits nothing)
+        orm = session if isinstance(session, Session) else Session(bind=conn)
+        try:
+            delivery = create(
+                orm,
+                study_instance_uid=study_instance_uid,
+                route_name=route_name,
+                destination=destination,
+                profile=profile,
+                instance_ids=[instance_id],
+                now=now,
+                claimable_at=now + linger,
+            )
+            orm.flush()  # the next Core statement in this transaction must see it
+            return delivery.id
+        finally:
+            if orm is not session:
+                orm.close()
     conn.execute(
         _INSERT_ITEM,
         {"delivery_id": open_id, "instance_id": instance_id, "state": "pending", "reason": ""},

@@ -10,7 +10,13 @@ submits, and it answers the peer only when :meth:`GroupCommit.run` has returned.
 
 A unit of work that raises makes the batch roll back; the units are then run again, each in a
 transaction of its own, so one bad instance never fails the others and each caller gets its
-own outcome. Units of work must therefore touch nothing but the session (they may run twice).
+own outcome. Units of work must therefore touch nothing but the connection (they may run
+twice).
+
+The transactions run on a connection kept between them (:class:`HeldConnection`), not in an
+ORM session each: a unit gets the transaction's :class:`~sqlalchemy.Connection`. A unit whose
+transaction failed because that connection was found dead (the database server restarted
+while the node was busy) runs once more, on a new connection.
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
-from gateway.index.db import Database
+from gateway.index.db import Database, HeldConnection, LostConnection
 
 T = TypeVar("T")
 
@@ -29,7 +35,7 @@ T = TypeVar("T")
 class _Unit(Generic[T]):
     __slots__ = ("done", "error", "result", "work")
 
-    def __init__(self, work: Callable[[Session], T]) -> None:
+    def __init__(self, work: Callable[[Connection], T]) -> None:
         self.work = work
         self.done = False
         self.result: T | None = None
@@ -42,12 +48,13 @@ class GroupCommit:
     def __init__(self, db: Database, *, max_batch: int = 64) -> None:
         self.db = db
         self.max_batch = max_batch
+        self._held = HeldConnection(db)
         self._cond = threading.Condition()
         self._queue: list[_Unit[object]] = []
         self._leading = False
 
-    def run(self, work: Callable[[Session], T]) -> T:
-        """Run ``work(session)`` in a transaction, maybe shared; return after its commit.
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work(connection)`` in a transaction, maybe shared; return after its commit.
 
         Raises what ``work`` raised, or :class:`~gateway.errors.IndexError_` when the
         commit failed (nothing of ``work`` is then in the index).
@@ -80,9 +87,9 @@ class GroupCommit:
                 return
             try:
                 results = []
-                with self.db.session() as s:
+                with self._held.transaction() as conn:
                     for unit in batch:
-                        results.append(unit.work(s))
+                        results.append(unit.work(conn))
                 for unit, result in zip(batch, results, strict=True):
                     unit.result = result
             except BaseException:  # noqa: BLE001 - one unit failed: each runs again alone
@@ -92,9 +99,19 @@ class GroupCommit:
             for unit in batch:
                 unit.done = True
 
+    def close(self) -> None:
+        """Give back the connection kept between transactions."""
+        self._held.close()
+
     def _alone(self, unit: _Unit[object]) -> None:
-        try:
-            with self.db.session() as s:
-                unit.result = unit.work(s)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller that owns the unit
-            unit.error = exc
+        for tries_left in (1, 0):
+            try:
+                with self._held.transaction() as conn:
+                    unit.result = unit.work(conn)
+                return
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller that owns the unit
+                if tries_left and isinstance(exc, LostConnection):
+                    continue  # the kept connection had died (a restarted server): a new one
+                unit.error = exc
+                return
+

@@ -151,6 +151,10 @@ class IngestService:
         self._notify = on_stream_delivery or (lambda: None)
         self._commits = GroupCommit(db)
 
+    def close(self) -> None:
+        """Give back the index connection the group commit keeps between transactions."""
+        self._commits.close()
+
     # --- association events --------------------------------------------------------------
     def _audit(self, record: AuditRecord) -> None:
         with self.db.session() as s:
@@ -279,7 +283,7 @@ class IngestService:
             # committed together with other associations' instances when they arrive at once;
             # returns only after the commit that holds this instance's rows
             outcome, streamed = self._commits.run(
-                lambda s: self._index(s, info, request, header, obj.key, size, sha256, now)
+                lambda conn: self._index(conn, info, request, header, obj.key, size, sha256, now)
             )
         except BaseException:
             self.spool.delete(obj.key)
@@ -324,7 +328,17 @@ class IngestService:
             now = self.clock.now()
             with self.db.session() as s:
                 results = [
-                    self._index(s, info, r, h, o.key, o.size, o.sha256, now, event_type=event_type)
+                    self._index(
+                        s.connection(),
+                        info,
+                        r,
+                        h,
+                        o.key,
+                        o.size,
+                        o.sha256,
+                        now,
+                        event_type=event_type,
+                    )
                     for r, h, o in zip(requests, headers, committed, strict=True)
                 ]
                 within(s, now)
@@ -378,7 +392,7 @@ class IngestService:
 
     def _index(
         self,
-        s: Session,
+        conn: Connection,
         info: AssociationInfo,
         request: StoreRequest,
         header: _Header,
@@ -390,7 +404,6 @@ class IngestService:
         event_type: str = "c-store",
     ) -> tuple[str, bool]:
         ds = header.values
-        conn = s.connection()
         versions = _RUN_VERSIONS.all(conn, {"sop_instance_uid": request.sop_instance_uid})
         base = AuditRecord(
             event_type,
@@ -406,7 +419,7 @@ class IngestService:
         node = self.cfg.node.name
         if any(digest == sha256 for _version, digest in versions):
             append(
-                s,
+                conn,
                 _with(
                     base, detail={"duplicate": "identical", "association_id": info.association_id}
                 ),
@@ -416,7 +429,7 @@ class IngestService:
             return "duplicate", False
         if versions and self.cfg.ingest.duplicate_policy == "reject":
             append(
-                s,
+                conn,
                 _with(
                     base,
                     outcome="failure",
@@ -454,12 +467,12 @@ class IngestService:
             ),
         )
         self._summaries(conn, ds, header, modality, now)
-        streamed = self._route(s, info, ds, header, instance_id, now)
+        streamed = self._route(conn, info, ds, header, instance_id, now)
         detail: dict[str, object] = {"association_id": info.association_id, "size": size}
         if version > 1:
             detail["duplicate"] = "different-content-kept"
             detail["version"] = version
-        append(s, _with(base, detail=detail), node=node, now=now)
+        append(conn, _with(base, detail=detail), node=node, now=now)
         return "stored", streamed
 
     def _summaries(
@@ -515,7 +528,7 @@ class IngestService:
 
     def _route(
         self,
-        s: Session,
+        conn: Connection,
         info: AssociationInfo,
         ds: Dataset,
         header: _Header,
@@ -544,7 +557,7 @@ class IngestService:
             if route.mode == "stream":
                 for destination in route.destinations:
                     deliveries.append_to_open(
-                        s,
+                        conn,
                         study_instance_uid=header.study_instance_uid,
                         route_name=route.name,
                         destination=destination,
@@ -563,7 +576,7 @@ class IngestService:
                 }
             )
         if candidates:
-            s.connection().execute(_INSERT_CANDIDATES, candidates)
+            conn.execute(_INSERT_CANDIDATES, candidates)
         return streamed
 
     # --- start-up -----------------------------------------------------------------------

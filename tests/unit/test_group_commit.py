@@ -7,13 +7,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from gateway.audit.chain import AuditRecord, append, verify
 from gateway.errors import IndexError_
-from gateway.index.db import Database
+from gateway.index.db import Database, HeldConnection
 from gateway.index.group_commit import GroupCommit
 from gateway.index.models import AuditEvent
 
@@ -30,7 +29,7 @@ def _count_commits(db: Database) -> list[int]:
     return commits
 
 
-def _record(s: Session, n: int) -> int:
+def _record(s: Connection, n: int) -> int:
     return append(s, AuditRecord("c-store", "success", detail={"n": n}), node="n", now=T0)
 
 
@@ -64,17 +63,17 @@ def test_a_failing_unit_fails_alone(db: Database) -> None:
     started = threading.Event()
     outcomes: dict[str, object] = {}
 
-    def slow(s: Session) -> str:
+    def slow(s: Connection) -> str:
         started.set()
         release.wait(5)
         _record(s, 0)
         return "slow"
 
-    def bad(s: Session) -> str:
+    def bad(s: Connection) -> str:
         _record(s, 1)
         raise IndexError_("this unit fails")
 
-    def good(s: Session) -> str:
+    def good(s: Connection) -> str:
         _record(s, 2)
         return "good"
 
@@ -116,3 +115,87 @@ def test_a_failed_commit_reaches_every_caller(db: Database) -> None:
 
     with pytest.raises(IndexError_):
         group.run(lambda s: _record(s, 1))
+
+
+def _count_checkouts(db: Database) -> list[int]:
+    checkouts = [0]
+
+    @event.listens_for(db.engine, "checkout")
+    def _on_checkout(*_args: Any) -> None:
+        checkouts[0] += 1
+
+    return checkouts
+
+
+def _events(db: Database) -> list[str]:
+    with db.read() as s:
+        return sorted(s.execute(select(AuditEvent.detail)).scalars())
+
+
+def test_transactions_run_on_one_kept_connection(db: Database) -> None:
+    checkouts = _count_checkouts(db)
+    group = GroupCommit(db)
+    for n in range(20):
+        assert group.run(lambda c, n=n: _record(c, n)) == n + 1
+        # committed: another connection sees the row at once
+        assert len(_events(db)) == n + 1
+    assert checkouts[0] == 20 + 1  # one per read above, one kept for the 20 transactions
+    group.close()
+    with db.read() as s:
+        assert verify(s) == 20
+
+
+def test_a_failed_unit_gives_up_the_kept_connection(db: Database) -> None:
+    checkouts = _count_checkouts(db)
+    group = GroupCommit(db)
+    group.run(lambda c: _record(c, 1))
+
+    def bad(c: Connection) -> None:
+        _record(c, 2)
+        raise IndexError_("this unit fails")
+
+    with pytest.raises(IndexError_, match="this unit fails"):
+        group.run(bad)
+    group.run(lambda c: _record(c, 3))
+    assert checkouts[0] == 2  # the failed transaction's connection was not kept
+    assert _events(db) == ['{"n":1}', '{"n":3}']
+
+
+def test_a_connection_idle_too_long_is_checked_out_again(db: Database) -> None:
+    checkouts = _count_checkouts(db)
+    held = HeldConnection(db, idle=0.0)
+    for n in range(3):
+        with held.transaction() as c:
+            _record(c, n)
+    assert checkouts[0] == 3
+    kept = HeldConnection(db, idle=60.0)
+    for n in range(3, 6):
+        with kept.transaction() as c:
+            _record(c, n)
+    assert checkouts[0] == 4
+    held.close()
+    kept.close()
+    assert db.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+def test_a_kept_connection_the_server_dropped_is_replaced(pg_schema_url: tuple[str, str]) -> None:
+    """PostgreSQL ends the kept connection's backend between two transactions (as a restart
+    would): the next unit fails on it before any commit, and runs again on a new connection."""
+    url, _schema = pg_schema_url
+    db = Database(url)
+    db.migrate()
+    try:
+        checkouts = _count_checkouts(db)
+        group = GroupCommit(db)
+        group.run(lambda c: _record(c, 1))
+        pid = group.run(lambda c: c.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        with db.engine.connect() as other:
+            other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            other.commit()
+        assert group.run(lambda c: _record(c, 2)) == 2
+        assert checkouts[0] == 3  # the kept one, the killer, the kept one's successor
+        with db.read() as s:
+            assert verify(s) == 2
+        group.close()
+    finally:
+        db.dispose()
