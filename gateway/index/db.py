@@ -68,13 +68,19 @@ class Database:
     def session(self) -> Iterator[Session]:
         """One unit of work: committed on success, rolled back on any exception.
 
-        Database failures surface as :class:`IndexError_`.
+        Database failures surface as :class:`IndexError_`; a connection lost while the
+        session flushed or committed at the end as :class:`CommitOutcomeUnknown`.
         """
+        done = False
         try:
             with self._writer, self._sessions() as s, s.begin():
                 yield s
+                done = True  # what fails from here on fails in the flush or the commit
         except SQLAlchemyError as exc:
-            raise IndexError_(f"index transaction failed: {exc.__class__.__name__}") from exc
+            text = f"index transaction failed: {exc.__class__.__name__}"
+            if done and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise CommitOutcomeUnknown(text) from exc
+            raise IndexError_(text) from exc
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -106,6 +112,13 @@ class Database:
 class LostConnection(IndexError_):
     """A transaction's connection was found dead (a disconnect) before its commit: nothing
     of the transaction is in the index."""
+
+
+class CommitOutcomeUnknown(IndexError_):
+    """The connection was lost while its commit was under way: the server may have made the
+    transaction durable or not, and whoever ran it cannot tell. Nothing the transaction
+    names may be undone (a spool file its rows would name stays for the start-up sweep to
+    judge), and it must not run again (it would find its own rows)."""
 
 
 HELD_IDLE = 1.0
@@ -157,7 +170,8 @@ class HeldConnection:
         """A write transaction, committed on success, rolled back on any exception.
 
         Raises :class:`LostConnection` when the connection was found dead before the commit
-        (nothing of the transaction is in the index, so it may run again)."""
+        (nothing of the transaction is in the index, so it may run again), and
+        :class:`CommitOutcomeUnknown` when it was lost during the commit."""
         conn = self._take()
         committing = False
         try:
@@ -178,7 +192,9 @@ class HeldConnection:
             if not isinstance(exc, SQLAlchemyError):
                 raise
             text = f"index transaction failed: {exc.__class__.__name__}"
-            if not committing and isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                if committing:
+                    raise CommitOutcomeUnknown(text) from exc
                 raise LostConnection(text) from exc
             raise IndexError_(text) from exc
         self._keep(conn)

@@ -10,7 +10,9 @@ submits, and it answers the peer only when :meth:`GroupCommit.run` has returned.
 
 A unit of work that raises makes the batch roll back; the units are then run again, each in a
 transaction of its own, so one bad instance never fails the others and each caller gets its
-own outcome. Units of work must therefore touch nothing but the connection (they may run
+own outcome. Not when the connection was lost during the commit
+(:class:`~gateway.index.db.CommitOutcomeUnknown`): the batch may be in the index, so every
+caller gets that error and nothing runs again. Units of work must therefore touch nothing but the connection (they may run
 twice).
 
 The transactions run on a connection kept between them (:class:`HeldConnection`), not in an
@@ -27,7 +29,7 @@ from typing import Generic, TypeVar
 
 from sqlalchemy import Connection
 
-from gateway.index.db import Database, HeldConnection, LostConnection
+from gateway.index.db import CommitOutcomeUnknown, Database, HeldConnection, LostConnection
 
 T = TypeVar("T")
 
@@ -92,6 +94,9 @@ class GroupCommit:
                         results.append(unit.work(conn))
                 for unit, result in zip(batch, results, strict=True):
                     unit.result = result
+            except CommitOutcomeUnknown as exc:  # maybe committed: running again is wrong
+                for unit in batch:
+                    unit.error = exc
             except BaseException:  # noqa: BLE001 - one unit failed: each runs again alone
                 for unit in batch:
                     self._alone(unit)
@@ -114,4 +119,3 @@ class GroupCommit:
                     continue  # the kept connection had died (a restarted server): a new one
                 unit.error = exc
                 return
-

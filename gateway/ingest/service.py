@@ -37,7 +37,7 @@ from gateway.dicom.server import AssociationInfo, StoreRequest
 from gateway.dicom.uids import is_valid_uid
 from gateway.errors import IngestError
 from gateway.index import deliveries
-from gateway.index.db import Database
+from gateway.index.db import CommitOutcomeUnknown, Database
 from gateway.index.group_commit import GroupCommit
 from gateway.index.models import Instance, RouteCandidate, Series, Study
 from gateway.index.prepared import Prepared
@@ -285,6 +285,14 @@ class IngestService:
             outcome, streamed = self._commits.run(
                 lambda conn: self._index(conn, info, request, header, obj.key, size, sha256, now)
             )
+        except CommitOutcomeUnknown:
+            # the rows may be in the index and would name this file: it stays, and the
+            # start-up sweep removes it if they are not (the sender was not answered Success)
+            log.warning(
+                "C-STORE index commit outcome unknown; its spool file is kept",
+                extra={"association_id": info.association_id},
+            )
+            raise
         except BaseException:
             self.spool.delete(obj.key)
             raise
@@ -342,6 +350,9 @@ class IngestService:
                     for r, h, o in zip(requests, headers, committed, strict=True)
                 ]
                 within(s, now)
+        except CommitOutcomeUnknown:
+            log.warning("package index commit outcome unknown; its spool files are kept")
+            raise  # as in store(): the start-up sweep judges them
         except BaseException:
             for obj in committed:
                 self.spool.delete(obj.key)
