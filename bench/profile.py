@@ -1,4 +1,4 @@
-"""Where the node's CPU goes while it ingests: py-spy samples, summarised.
+"""Where the node's Python time goes while it ingests: py-spy samples, summarised.
 
 A target the node misses is reported with what its profile shows. So the ingest scenario also
 runs each node receiver once more, untimed, with py-spy attached to its process tree (its

@@ -63,12 +63,20 @@ def _ingest_md(result: dict[str, Any]) -> list[str]:
     return lines + _durability_md(result.get("durability")) + _profile_md(result.get("profile"))
 
 
-def _durability_md(result: dict[str, Any] | None) -> list[str]:
-    """What each receiver synced per instance before answering (bench.durability)."""
+def _untimed_md(result: dict[str, Any] | None, what: str) -> list[str] | None:
+    """The lines of an untimed run that did not happen (none, or why not); None if it did."""
     if not result:
         return []
     if result.get("not_measured"):
-        return ["", f"Sync calls per instance: not measured ({result['not_measured']})."]
+        return ["", f"{what}: not measured ({result['not_measured']})."]
+    return None
+
+
+def _durability_md(result: dict[str, Any] | None) -> list[str]:
+    """What each receiver synced per instance before answering (bench.durability)."""
+    missing = _untimed_md(result, "Sync calls per instance")
+    if missing is not None or result is None:
+        return missing or []
     lines = [
         "",
         f"Sync calls per instance ({', '.join(result['calls'])}) while each receiver took the "
@@ -96,14 +104,13 @@ def _shares(items: list[dict[str, Any]]) -> str:
 
 
 def _profile_md(result: dict[str, Any] | None) -> list[str]:
-    """Where each node receiver's CPU went while it ingested (bench.profile)."""
-    if not result:
-        return []
-    if result.get("not_measured"):
-        return ["", f"Node profile: not measured ({result['not_measured']})."]
+    """Where each node receiver's Python time went while it ingested (bench.profile)."""
+    missing = _untimed_md(result, "Node profile")
+    if missing is not None or result is None:
+        return missing or []
     lines = [
         "",
-        f"Where the node's CPU goes: py-spy sampled each node receiver's processes "
+        f"Where the node's Python time goes: py-spy sampled each node receiver's processes "
         f"({result['rate']} samples/s of the thread holding the interpreter lock, so waits are "
         "not counted) while it took "
         "the data set over one association, untimed. Shares of all samples: by the code the "

@@ -275,18 +275,49 @@ DURABILITY_INSTANCES = 20
 """Instances each receiver gets in the untimed traced run (:mod:`bench.durability`)."""
 
 
-def _durability_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str, float]:
+def _sender(
+    settings: Settings, receiver: Receiver, files: Sequence[Path], root: Path
+) -> Callable[[], None]:
+    """storescu sending ``files`` to ``receiver`` over one association, checked."""
+
+    def send() -> None:
+        procs = start_storescu(receiver.ae_title, receiver.port, files, 1, root / "storescu.log")
+        check_sender(wait_storescu(procs, settings.timeout), root / "storescu.log")
+
+    return send
+
+
+def _untimed(
+    settings: Settings,
+    what: str,
+    systems: Sequence[str],
+    once: Callable[[str, data.DataSet], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+) -> list[dict[str, Any]]:
+    """``once(system, data set)`` for each data set and system, once, untimed; a failure is
+    recorded (``settings.failures``) and the rest go on."""
+    rows: list[dict[str, Any]] = []
+    for name in settings.datasets:
+        ds = settings.dataset(name)
+        for system in systems:
+            try:
+                result = once(system, ds)
+            except MEASUREMENT_ERRORS as exc:
+                settings.failures.append(f"{what} {name} {system}: {brief(exc)}")
+                settings.log(f"{what:10s} {name:10s} {system:22s} FAILED: {exc}")
+                rows.append({"dataset": name, "system": system, "error": brief(exc)})
+                continue
+            settings.log(f"{what:10s} {name:10s} {system:22s} {describe(result)}")
+            rows.append({"dataset": name, "system": system, **result})
+    return rows
+
+
+def _durability_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str, Any]:
     """``system``'s sync calls per instance while it receives the data set's first
     :data:`DURABILITY_INSTANCES` over one association (untimed, under strace)."""
     files = ds.files[:DURABILITY_INSTANCES]
     with _receiving(settings, system, 1, f"durability-{ds.name}-{system}") as (receiver, root):
-
-        def send() -> None:
-            procs = start_storescu(
-                receiver.ae_title, receiver.port, files, 1, root / "storescu.log"
-            )
-            check_sender(wait_storescu(procs, settings.timeout), root / "storescu.log")
-
+        send = _sender(settings, receiver, files, root)
         calls = durability.trace_syncs(receiver.pid, root / "strace.log", send)
         _check_stored(receiver, system, len(files))
     return {"instances": float(len(files)), **durability.per_instance(calls, len(files))}
@@ -295,25 +326,18 @@ def _durability_once(settings: Settings, system: str, ds: data.DataSet) -> dict[
 def _durability(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
     if not durability.available():
         return {"rows": [], "not_measured": "strace is not installed"}
-    rows: list[dict[str, Any]] = []
-    for name in settings.datasets:
-        ds = settings.dataset(name)
-        for system in systems:
-            try:
-                result = _durability_once(settings, system, ds)
-            except MEASUREMENT_ERRORS as exc:
-                settings.failures.append(f"durability {name} {system}: {brief(exc)}")
-                settings.log(f"durability {name:10s} {system:22s} FAILED: {exc}")
-                rows.append({"dataset": name, "system": system, "error": brief(exc)})
-                continue
-            settings.log(
-                f"durability {name:10s} {system:22s} "
-                f"{result['file_syncs_per_instance']:.2f} file, "
-                f"{result['folder_syncs_per_instance']:.2f} folder, "
-                f"{result['index_syncs_per_instance']:.2f} index syncs/inst, "
-                f"{result['sync_ms_per_instance']:.2f} ms/inst"
-            )
-            rows.append({"dataset": name, "system": system, **result})
+    rows = _untimed(
+        settings,
+        "durability",
+        systems,
+        functools.partial(_durability_once, settings),
+        lambda r: (
+            f"{r['file_syncs_per_instance']:.2f} file, "
+            f"{r['folder_syncs_per_instance']:.2f} folder, "
+            f"{r['index_syncs_per_instance']:.2f} index syncs/inst, "
+            f"{r['sync_ms_per_instance']:.2f} ms/inst"
+        ),
+    )
     return {"instances": DURABILITY_INSTANCES, "calls": list(durability.SYNC_CALLS), "rows": rows}
 
 
@@ -326,15 +350,8 @@ def _profile_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str
     :data:`PROFILE_INSTANCES`) over one association (untimed)."""
     files = ds.files[:PROFILE_INSTANCES]
     with _receiving(settings, system, 1, f"profile-{ds.name}-{system}") as (receiver, root):
-
-        def send() -> None:
-            procs = start_storescu(
-                receiver.ae_title, receiver.port, files, 1, root / "storescu.log"
-            )
-            check_sender(wait_storescu(procs, settings.timeout), root / "storescu.log")
-
         raw = root / "py-spy.txt"
-        samples = profile.record(receiver.pid, raw, send)
+        samples = profile.record(receiver.pid, raw, _sender(settings, receiver, files, root))
         _check_stored(receiver, system, len(files))
         kept = {}
         if settings.out is not None:
@@ -346,27 +363,20 @@ def _profile_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str
 
 
 def _profiles(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
-    nodes = [s for s in systems if s in INGEST_NODES]
     if not settings.profile:
         return {"rows": [], "not_measured": "--no-profile"}
     if profile.executable() is None:
         return {"rows": [], "not_measured": "py-spy is not installed"}
-    rows: list[dict[str, Any]] = []
-    for name in settings.datasets:
-        ds = settings.dataset(name)
-        for system in nodes:
-            try:
-                result = _profile_once(settings, system, ds)
-            except MEASUREMENT_ERRORS as exc:
-                settings.failures.append(f"profile {name} {system}: {brief(exc)}")
-                settings.log(f"profile    {name:10s} {system:22s} FAILED: {exc}")
-                rows.append({"dataset": name, "system": system, "error": brief(exc)})
-                continue
-            parts = ", ".join(
-                f"{p['name']} {100 * p['share']:.0f} %" for p in result["by_part"][:4]
-            )
-            settings.log(f"profile    {name:10s} {system:22s} {result['samples']} samples: {parts}")
-            rows.append({"dataset": name, "system": system, **result})
+    rows = _untimed(
+        settings,
+        "profile",
+        [s for s in systems if s in INGEST_NODES],
+        functools.partial(_profile_once, settings),
+        lambda r: (
+            f"{r['samples']} samples: "
+            + ", ".join(f"{p['name']} {100 * p['share']:.0f} %" for p in r["by_part"][:4])
+        ),
+    )
     return {"rate": profile.RATE, "rows": rows}
 
 

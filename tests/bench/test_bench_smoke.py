@@ -167,7 +167,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert abs(sum(p["share"] for p in row["by_part"]) - 1) < 0.01
         assert any(t["name"].startswith("IngestService.store ") for t in row["total_gateway"])
         assert (out / row["raw"]).read_text().strip()
-    assert "Where the node's CPU goes" in (out / "latest.md").read_text()
+    assert "Where the node's Python time goes" in (out / "latest.md").read_text()
 
     e2e = doc["scenarios"]["e2e"]["result"]
     assert [r["system"] for r in e2e["rows"]] == ["node-stream", "direct"]
