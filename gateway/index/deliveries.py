@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from gateway.ids import new_id
 from gateway.index.models import Delivery, DeliveryAttempt, DeliveryItem, Instance
+from gateway.index.prepared import Prepared
 from gateway.index.states import CLAIMABLE, Event, State, next_state
 
 STREAM_LINGER = timedelta(seconds=0.2)
@@ -47,6 +48,11 @@ _COUNT_ITEM = (
     .where(_DELIVERIES.c.id == bindparam("delivery_id"))
     .values(instance_count=_DELIVERIES.c.instance_count + 1, updated_at=bindparam("now"))
 )
+# a streamed instance runs these three in the ingest's transaction, on the DBAPI cursor
+# (gateway.index.prepared): through Connection.execute they cost ~0.2 ms of Python an instance
+_RUN_OPEN_DELIVERY = Prepared(_OPEN_DELIVERY)
+_RUN_INSERT_ITEM = Prepared(_INSERT_ITEM, ("delivery_id", "instance_id", "state", "reason"))
+_RUN_COUNT_ITEM = Prepared(_COUNT_ITEM)
 
 
 def create(
@@ -103,16 +109,16 @@ def append_to_open(
     association carries them); return the delivery's id. Core statements: this runs once
     per streamed instance. ``session``: a session, or a connection in a transaction."""
     conn = session if isinstance(session, Connection) else session.connection()
-    open_id = conn.execute(
-        _OPEN_DELIVERY,
+    row = _RUN_OPEN_DELIVERY.first(
+        conn,
         {
             "study_instance_uid": study_instance_uid,
             "route_name": route_name,
             "destination": destination,
             "profile": profile,
         },
-    ).scalar_one_or_none()
-    if open_id is None:
+    )
+    if row is None:
         # a study's first instance on the route: the ORM's rows, in the connection's
         # transaction (a session bound to it joins that transaction, and commits nothing)
         orm = session if isinstance(session, Session) else Session(bind=conn)
@@ -132,12 +138,13 @@ def append_to_open(
         finally:
             if orm is not session:
                 orm.close()
-    conn.execute(
-        _INSERT_ITEM,
+    open_id = str(row[0])
+    _RUN_INSERT_ITEM.rowcount(
+        conn,
         {"delivery_id": open_id, "instance_id": instance_id, "state": "pending", "reason": ""},
     )
-    conn.execute(_COUNT_ITEM, {"delivery_id": open_id, "now": now})
-    return str(open_id)
+    _RUN_COUNT_ITEM.rowcount(conn, {"delivery_id": open_id, "now": now})
+    return open_id
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ _RUN_VERSIONS = Prepared(_VERSIONS)
 _RUN_INSERT_INSTANCE = Prepared(_INSERT_INSTANCE, _INSTANCE_COLUMNS)
 _RUN_STUDY_SEEN = Prepared(_STUDY_SEEN)
 _RUN_SERIES_SEEN = Prepared(_SERIES_SEEN)
+_RUN_INSERT_CANDIDATE = Prepared(
+    _INSERT_CANDIDATES, ("instance_id", "study_instance_uid", "route_name", "routed")
+)
 
 
 @functools.cache
@@ -561,7 +564,7 @@ class IngestService:
                 return []
 
         streamed = False
-        candidates: list[dict[str, object]] = []
+        candidates: list[dict[str, object]] = []  # a row for each route that matched
         for route in self.cfg.routes:
             if not matches(route.match, lookup):
                 continue
@@ -586,8 +589,8 @@ class IngestService:
                     "routed": 1 if route.mode == "stream" else 0,
                 }
             )
-        if candidates:
-            conn.execute(_INSERT_CANDIDATES, candidates)
+        for candidate in candidates:
+            _RUN_INSERT_CANDIDATE.rowcount(conn, candidate)
         return streamed
 
     # --- start-up -----------------------------------------------------------------------

@@ -15,8 +15,16 @@ from sqlalchemy.exc import DBAPIError, NoResultFound
 
 from gateway.audit.chain import AuditRecord, append, verify
 from gateway.errors import IndexError_
+from gateway.index import deliveries
 from gateway.index.db import Database
-from gateway.index.models import AuditEvent, Instance, Study
+from gateway.index.models import (
+    AuditEvent,
+    Delivery,
+    DeliveryItem,
+    Instance,
+    RouteCandidate,
+    Study,
+)
 from gateway.index.prepared import Prepared
 from gateway.ingest import service
 
@@ -251,3 +259,49 @@ def test_begin_errors_other_than_busy_are_not_retried(tmp_path: Path) -> None:
         "BEGIN IMMEDIATE",
         "PRAGMA busy_timeout = 5000",
     ]
+
+
+def test_a_streamed_instance_joins_its_delivery_on_the_cursor(database: Database) -> None:
+    """A stream route's rows as the ingest writes them, on a connection in a transaction: the
+    study's first instance starts the delivery (an ORM session joined to the transaction),
+    the next ones join it on the cursor (its lookup with FOR UPDATE SKIP LOCKED on
+    PostgreSQL, the item, the count), and a route candidate row each."""
+    now = datetime(2026, 12, 7, 5, 0, tzinfo=UTC)
+    with database.session() as s:
+        conn = s.connection()
+        ids = [
+            service._RUN_INSERT_INSTANCE.one(conn, _instance(f"k{n}", f"1.9.{n}", now))[0]
+            for n in range(3)
+        ]
+    delivery_ids = []
+    for n, instance_id in enumerate(ids):
+        with database.engine.begin() as conn:
+            delivery_ids.append(
+                deliveries.append_to_open(
+                    conn,
+                    study_instance_uid="1.2.3",
+                    route_name="r",
+                    destination="pacs",
+                    profile="",
+                    instance_id=instance_id,
+                    now=now + timedelta(seconds=n),
+                )
+            )
+            candidate = {
+                "instance_id": instance_id,
+                "study_instance_uid": "1.2.3",
+                "route_name": "r",
+                "routed": 1,
+            }
+            assert service._RUN_INSERT_CANDIDATE.rowcount(conn, candidate) == 1
+    assert len(set(delivery_ids)) == 1
+    with database.read() as s:
+        delivery = s.execute(select(Delivery)).scalar_one()
+        items = s.execute(select(DeliveryItem).order_by(DeliveryItem.id)).scalars().all()
+        candidates = s.execute(select(RouteCandidate)).scalars().all()
+    assert delivery.id == delivery_ids[0] and delivery.instance_count == 3
+    assert delivery.updated_at == now + timedelta(seconds=2)
+    assert [(i.instance_id, i.state, i.reason, i.status) for i in items] == [
+        (i, "pending", "", None) for i in ids
+    ]
+    assert sorted(c.instance_id for c in candidates) == ids and all(c.routed for c in candidates)
