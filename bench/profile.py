@@ -20,6 +20,7 @@ what it is for, not times.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,9 +150,10 @@ def _sampling(spy: subprocess.Popen[bytes], log: Path) -> bool:
     return spy.poll() is None and "Sampling process" in log.read_text(errors="replace")
 
 
-def record(root_pid: int, out: Path, run: Callable[[], None]) -> Profile:
-    """Samples of ``root_pid``'s process tree (its children as they start, too) while
-    ``run()`` runs, parsed from py-spy's raw output written to ``out``."""
+@contextlib.contextmanager
+def recording(root_pid: int, out: Path) -> Iterator[None]:
+    """py-spy samples ``root_pid``'s process tree (its children as they start, too) while the
+    block runs, into ``out`` (raw); :func:`parse` reads it."""
     spy_bin = executable()
     if spy_bin is None:
         raise RuntimeError("py-spy is not installed")
@@ -181,7 +183,7 @@ def record(root_pid: int, out: Path, run: Callable[[], None]) -> Profile:
                     f"py-spy did not attach to {root_pid} (exit {spy.poll()}; see {log})"
                 )
             time.sleep(0.05)
-        run()
+        yield
     finally:
         spy.send_signal(signal.SIGINT)  # stops sampling and writes out its output
         try:
@@ -191,4 +193,8 @@ def record(root_pid: int, out: Path, run: Callable[[], None]) -> Profile:
             spy.wait(5)
     if not out.exists():
         raise RuntimeError(f"py-spy wrote no profile (exit {spy.returncode}; see {log})")
-    return parse(out.read_text(errors="replace"))
+
+
+def parse_file(raw: Path) -> Profile:
+    """:func:`parse` of the file :func:`recording` wrote."""
+    return parse(raw.read_text(errors="replace"))

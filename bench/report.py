@@ -60,7 +60,11 @@ def _ingest_md(result: dict[str, Any]) -> list[str]:
         )
     for item in result.get("skipped", []):
         lines.append(f"\nNot run: {item}.")
-    return lines + _durability_md(result.get("durability")) + _profile_md(result.get("profile"))
+    return (
+        lines
+        + _durability_md(result.get("durability"))
+        + _profile_md(result.get("profile"), INGEST_PROFILE)
+    )
 
 
 def _untimed_md(result: dict[str, Any] | None, what: str) -> list[str] | None:
@@ -103,19 +107,27 @@ def _shares(items: list[dict[str, Any]]) -> str:
     return "; ".join(f"{i['name']} {100 * i['share']:.1f} %" for i in items)
 
 
-def _profile_md(result: dict[str, Any] | None) -> list[str]:
-    """Where each node receiver's Python time went while it ingested (bench.profile)."""
+INGEST_PROFILE = (
+    "each node receiver's processes while it took the data set over one association, untimed"
+)
+E2E_PROFILE = (
+    "the forwarding node's processes (serve and its worker process) from the first byte sent "
+    "to the last instance held by Orthanc, in one more run of the system, untimed"
+)
+
+
+def _profile_md(result: dict[str, Any] | None, sampled: str) -> list[str]:
+    """Where the node's Python time went in an untimed profiled run (bench.profile)."""
     missing = _untimed_md(result, "Node profile")
     if missing is not None or result is None:
         return missing or []
     lines = [
         "",
-        f"Where the node's Python time goes: py-spy sampled each node receiver's processes "
-        f"({result['rate']} samples/s of the thread holding the interpreter lock, so waits are "
-        "not counted) while it took "
-        "the data set over one association, untimed. Shares of all samples: by the code the "
-        "innermost frame runs in; the functions that run most themselves (self); the node's "
-        "functions the most samples pass through (total).",
+        f"Where the node's Python time goes: py-spy sampled {sampled} ({result['rate']} "
+        "samples/s of the thread holding the interpreter lock, so waits are not counted). "
+        "Shares of all samples: by the code the innermost frame runs in; the functions that "
+        "run most themselves (self); the node's functions the most samples pass through "
+        "(total).",
     ]
     for row in result["rows"]:
         head = f"**{row['dataset']}, {row['system']}**"
@@ -192,7 +204,7 @@ def _e2e_md(result: dict[str, Any]) -> list[str]:
     ]
     for r in result["ratios"]:
         lines.append(f"| {r['node']} | {r['peer']} | {_ratio(r['time'])} |")
-    return lines
+    return lines + _profile_md(result.get("profile"), E2E_PROFILE)
 
 
 def _deid_md(result: dict[str, Any]) -> list[str]:

@@ -293,11 +293,12 @@ def _untimed(
     systems: Sequence[str],
     once: Callable[[str, data.DataSet], dict[str, Any]],
     describe: Callable[[dict[str, Any]], str],
+    datasets: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """``once(system, data set)`` for each data set and system, once, untimed; a failure is
-    recorded (``settings.failures``) and the rest go on."""
+    """``once(system, data set)`` for each data set (``settings.datasets`` unless given) and
+    system, once, untimed; a failure is recorded (``settings.failures``) and the rest go on."""
     rows: list[dict[str, Any]] = []
-    for name in settings.datasets:
+    for name in datasets if datasets is not None else settings.datasets:
         ds = settings.dataset(name)
         for system in systems:
             try:
@@ -351,7 +352,9 @@ def _profile_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str
     files = ds.files[:PROFILE_INSTANCES]
     with _receiving(settings, system, 1, f"profile-{ds.name}-{system}") as (receiver, root):
         raw = root / "py-spy.txt"
-        samples = profile.record(receiver.pid, raw, _sender(settings, receiver, files, root))
+        with profile.recording(receiver.pid, raw):
+            _sender(settings, receiver, files, root)()
+        samples = profile.parse_file(raw)
         _check_stored(receiver, system, len(files))
         kept = {}
         if settings.out is not None:
@@ -372,12 +375,14 @@ def _profiles(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
         "profile",
         [s for s in systems if s in INGEST_NODES],
         functools.partial(_profile_once, settings),
-        lambda r: (
-            f"{r['samples']} samples: "
-            + ", ".join(f"{p['name']} {100 * p['share']:.0f} %" for p in r["by_part"][:4])
-        ),
+        _describe_profile,
     )
     return {"rate": profile.RATE, "rows": rows}
+
+
+def _describe_profile(result: dict[str, Any]) -> str:
+    parts = ", ".join(f"{p['name']} {100 * p['share']:.0f} %" for p in result["by_part"][:4])
+    return f"{result['samples']} samples: {parts}"
 
 
 def _ingest_rep(
@@ -540,8 +545,17 @@ def _check_running(system: str, nodes: Sequence[GatewayNode]) -> None:
 
 
 def _e2e_once(
-    settings: Settings, system: str, ds: data.DataSet, label: str, keys: Path | None = None
+    settings: Settings,
+    system: str,
+    ds: data.DataSet,
+    label: str,
+    keys: Path | None = None,
+    profile_to: Path | None = None,
 ) -> dict[str, float]:
+    """One run of ``system``; with ``profile_to``, py-spy samples the first node's processes
+    (serve, its worker process) from the first byte sent to the last instance held, into
+    that file (:mod:`bench.profile`; such a run's times are not comparable)."""
+    profiling = contextlib.ExitStack()
     root = settings.fresh_dir(label)
     dest = OrthancReceiver(root / "dest", aet="DEST", name="orthanc-dest")
     middle: list[Receiver] = []
@@ -559,6 +573,8 @@ def _e2e_once(
         for receiver in (dest, *middle):
             wait_idle(receiver.pid)
         monitors = [TreeMonitor(hop.pid).start() for hop in middle]
+        if profile_to is not None:
+            profiling.enter_context(profile.recording(target.pid, profile_to))
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         procs = start_storescu(target.ae_title, target.port, ds.files, 1, root / "storescu.log")
@@ -578,6 +594,7 @@ def _e2e_once(
             if now > deadline:
                 raise RunFailed(f"{system}: destination holds {held} of {ds.instances}")
             time.sleep(0.05)
+        profiling.close()
         if sent is None:
             wait_storescu(procs, settings.timeout)
             sent = time.perf_counter() - t0
@@ -595,6 +612,7 @@ def _e2e_once(
             if patient == ORIGINAL_CT_PATIENT_ID:
                 raise RunFailed("profile basic was not applied: PatientID arrived unchanged")
     finally:
+        profiling.close()
         for p in procs:
             stop_process(p, timeout=5)
         for hop in middle:
@@ -620,6 +638,30 @@ def _e2e_once(
             result[f"{side}_cpu_ms_per_instance"] = 1000 * usage.cpu_seconds / ds.instances
             result[f"{side}_peak_rss_mib"] = usage.peak_rss_mib
     return result
+
+
+E2E_PROFILED = ("node-stream", "node-stream-basic")
+"""The e2e systems profiled once more, untimed: the forwarding node's serve and worker."""
+
+
+def _e2e_profiles(settings: Settings, ds: data.DataSet, systems: Sequence[str]) -> dict[str, Any]:
+    """py-spy's samples of the forwarding node (serve and its worker process) while each of
+    ``systems`` takes the CT set end to end, once, untimed."""
+    if not settings.profile:
+        return {"rows": [], "not_measured": "--no-profile"}
+    if profile.executable() is None:
+        return {"rows": [], "not_measured": "py-spy is not installed"}
+    folder = settings.out if settings.out is not None else settings.work
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def once(system: str, _ds: data.DataSet) -> dict[str, Any]:
+        raw = folder / f"profile-e2e-{system}.txt"
+        _e2e_once(settings, system, ds, f"e2e-profile-{system}", profile_to=raw)
+        kept = {"raw": raw.name} if settings.out is not None else {}
+        return {"instances": ds.instances, **kept, **profile.summary(profile.parse_file(raw))}
+
+    rows = _untimed(settings, "profile", systems, once, _describe_profile, datasets=[ds.name])
+    return {"rate": profile.RATE, "rows": rows}
 
 
 def run_e2e(settings: Settings) -> dict[str, Any]:
@@ -670,6 +712,7 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
                 return value
         return None
 
+    profiles = _e2e_profiles(settings, ds, [s for s in systems if s in E2E_PROFILED])
     ratios = []
     for node in E2E_NODES:
         for peer in ("orthanc-router", "direct"):
@@ -697,6 +740,7 @@ def run_e2e(settings: Settings) -> dict[str, Any]:
         "router_lua": ROUTER_LUA.strip(),
         "rows": rows,
         "ratios": ratios,
+        "profile": profiles,
         "ratio_meaning": "node median time / peer median time (<1: node faster); "
         "node-study uses its time minus quiet_seconds",
     }

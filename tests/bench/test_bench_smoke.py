@@ -177,6 +177,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert [(r["node"], r["peer"]) for r in e2e["ratios"]] == [("node-stream", "direct")]
     assert e2e["ratios"][0]["time"] > 0
     assert e2e["quiet_seconds"] > 0
+    # one more node-stream run, profiled: serve and its worker process, forwarding included
+    (streamed,) = e2e["profile"]["rows"]
+    assert streamed["system"] == "node-stream" and streamed["samples"] > 0, streamed
+    assert any(t["name"].startswith("IngestService.store ") for t in streamed["total_gateway"])
+    assert "/gateway/transfer/worker.py" in (out / "profile-e2e-node-stream.txt").read_text()
 
     deid = doc["scenarios"]["deid"]["result"]
     assert deid["systems"] == ["node-basic-file", "dicognito", "pydicom-deid"]
