@@ -12,8 +12,8 @@ A unit of work that raises makes the batch roll back; the units are then run aga
 transaction of its own, so one bad instance never fails the others and each caller gets its
 own outcome. Not when the connection was lost during the commit
 (:class:`~gateway.index.db.CommitOutcomeUnknown`): the batch may be in the index, so every
-caller gets that error and nothing runs again. Units of work must therefore touch nothing but the connection (they may run
-twice).
+caller gets that error and nothing runs again. Units of work must therefore touch nothing
+but the connection (they may run twice).
 
 The transactions run on a connection kept between them (:class:`HeldConnection`), not in an
 ORM session each: a unit gets the transaction's :class:`~sqlalchemy.Connection`. A unit whose
