@@ -109,7 +109,7 @@ def _run_bench(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "results"
     started = time.monotonic()
@@ -121,10 +121,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "--systems",
         "node,node-rx2,dcmtk-storescp-ignore,node-stream,direct,node-basic-file,dicognito,"
         "pydicom-deid",
-        timeout=95,
+        timeout=120,
     )
     elapsed = time.monotonic() - started
-    assert elapsed < 60, f"smoke run took {elapsed:.0f} s"
+    # ~47 s here, of it ~16 s the profiled runs (two ingest nodes, one e2e node)
+    assert elapsed < 80, f"smoke run took {elapsed:.0f} s"
 
     assert {"meta", "scenarios", "not_measured"} <= set(doc)
     assert doc["meta"]["repeat"] == 1
