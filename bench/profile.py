@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 RATE = 1000
-"""Samples per second and thread."""
+"""Samples per second (of the thread holding the interpreter lock)."""
 
 TOP = 12
 """Functions listed by self samples."""
@@ -45,7 +45,7 @@ TOP_TOTAL = 20
 # "function (path:line)", the frame format of py-spy's raw output
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<path>[^()]*?)(?::(?P<line>\d+))?\)$")
 _SITE = re.compile(r"/(?:site|dist)-packages/(?P<package>[A-Za-z0-9_]+)")
-_STDLIB = re.compile(r"/lib/python3\.\d+/(?P<module>[A-Za-z0-9_]+)")
+_STDLIB = re.compile(r"/lib/python3\.\d+/")
 _GATEWAY = re.compile(r"/gateway/(?:(?P<package>[A-Za-z0-9_]+)/)?[^/]+$")
 
 
@@ -63,10 +63,7 @@ def part(path: str) -> str:
     m = _SITE.search(path)
     if m:
         return m["package"].lower()
-    m = _STDLIB.search(path)
-    if m:
-        return "stdlib"
-    return "other"
+    return "stdlib" if _STDLIB.search(path) else "other"
 
 
 @dataclass(frozen=True)

@@ -365,11 +365,19 @@ def _profile_once(settings: Settings, system: str, ds: data.DataSet) -> dict[str
     return {"instances": len(files), **kept, **profile.summary(samples)}
 
 
-def _profiles(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
+def _no_profile(settings: Settings) -> dict[str, Any] | None:
+    """The result of a profile that is not taken (``--no-profile``, no py-spy), else None."""
     if not settings.profile:
         return {"rows": [], "not_measured": "--no-profile"}
     if profile.executable() is None:
         return {"rows": [], "not_measured": "py-spy is not installed"}
+    return None
+
+
+def _profiles(settings: Settings, systems: Sequence[str]) -> dict[str, Any]:
+    skipped = _no_profile(settings)
+    if skipped is not None:
+        return skipped
     rows = _untimed(
         settings,
         "profile",
@@ -647,10 +655,9 @@ E2E_PROFILED = ("node-stream", "node-stream-basic")
 def _e2e_profiles(settings: Settings, ds: data.DataSet, systems: Sequence[str]) -> dict[str, Any]:
     """py-spy's samples of the forwarding node (serve and its worker process) while each of
     ``systems`` takes the CT set end to end, once, untimed."""
-    if not settings.profile:
-        return {"rows": [], "not_measured": "--no-profile"}
-    if profile.executable() is None:
-        return {"rows": [], "not_measured": "py-spy is not installed"}
+    skipped = _no_profile(settings)
+    if skipped is not None:
+        return skipped
     folder = settings.out if settings.out is not None else settings.work
     folder.mkdir(parents=True, exist_ok=True)
 

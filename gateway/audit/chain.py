@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import AuditChainError
 from gateway.index.models import AuditEvent, AuditHead
-from gateway.index.prepared import Prepared
+from gateway.index.prepared import Prepared, connection_of
 from gateway.text import safe_text
 
 GENESIS = "0" * 64
@@ -100,7 +100,7 @@ def append(session: Session | Connection, record: AuditRecord, *, node: str, now
     Three statements on the session's connection (lock and read the head, insert the row,
     move the head), run on its cursor: this runs once per received instance.
     """
-    conn = session if isinstance(session, Connection) else session.connection()
+    conn = connection_of(session)
     seq, prev_hash = _RUN_LOCK_HEAD.one(conn)
     values: dict[str, Any] = {
         "seq": seq + 1,

@@ -77,10 +77,7 @@ class Database:
                 yield s
                 done = True  # what fails from here on fails in the flush or the commit
         except SQLAlchemyError as exc:
-            text = f"index transaction failed: {exc.__class__.__name__}"
-            if done and isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                raise CommitOutcomeUnknown(text) from exc
-            raise IndexError_(text) from exc
+            raise _index_error(exc, committing=done) from exc
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -119,6 +116,16 @@ class CommitOutcomeUnknown(IndexError_):
     transaction durable or not, and whoever ran it cannot tell. Nothing the transaction
     names may be undone (a spool file its rows would name stays for the start-up sweep to
     judge), and it must not run again (it would find its own rows)."""
+
+
+def _index_error(exc: SQLAlchemyError, *, committing: bool) -> IndexError_:
+    """What a failed write transaction raises: the connection lost during the commit
+    (:class:`CommitOutcomeUnknown`), lost before it (:class:`LostConnection`), or any other
+    failure (:class:`IndexError_`)."""
+    text = f"index transaction failed: {exc.__class__.__name__}"
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return CommitOutcomeUnknown(text) if committing else LostConnection(text)
+    return IndexError_(text)
 
 
 HELD_IDLE = 1.0
@@ -191,12 +198,7 @@ class HeldConnection:
                 _close_quietly(conn)
             if not isinstance(exc, SQLAlchemyError):
                 raise
-            text = f"index transaction failed: {exc.__class__.__name__}"
-            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                if committing:
-                    raise CommitOutcomeUnknown(text) from exc
-                raise LostConnection(text) from exc
-            raise IndexError_(text) from exc
+            raise _index_error(exc, committing=committing) from exc
         self._keep(conn)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from gateway.ids import new_id
 from gateway.index.models import Delivery, DeliveryAttempt, DeliveryItem, Instance
-from gateway.index.prepared import Prepared
+from gateway.index.prepared import Prepared, connection_of
 from gateway.index.states import CLAIMABLE, Event, State, next_state
 
 STREAM_LINGER = timedelta(seconds=0.2)
@@ -108,7 +108,7 @@ def append_to_open(
     is claimable ``linger`` from now (so the study's next instances join it and one
     association carries them); return the delivery's id. Core statements: this runs once
     per streamed instance. ``session``: a session, or a connection in a transaction."""
-    conn = session if isinstance(session, Connection) else session.connection()
+    conn = connection_of(session)
     row = _RUN_OPEN_DELIVERY.first(
         conn,
         {

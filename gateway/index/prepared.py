@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 
@@ -38,6 +39,12 @@ class _Compiled:
     literals: tuple[Any, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
     positional: bool
+
+
+def connection_of(session: Session | Connection) -> Connection:
+    """The connection of a session's transaction, or the connection itself (the ingest's
+    group commit hands its units a connection in a transaction, not a session)."""
+    return session if isinstance(session, Connection) else session.connection()
 
 
 class Prepared:

@@ -338,9 +338,10 @@ class IngestService:
                 committed.append(self.spool.commit(request.dataset_path, size=size, sha256=sha256))
             now = self.clock.now()
             with self.db.session() as s:
+                conn = s.connection()
                 results = [
                     self._index(
-                        s.connection(),
+                        conn,
                         info,
                         r,
                         h,
