@@ -15,6 +15,10 @@ own outcome. Not when the connection was lost during the commit
 caller gets that error and nothing runs again. Units of work must therefore touch nothing
 but the connection (they may run twice).
 
+A unit may come with ``ready``, called after every unit of its batch has run and before the
+commit: the ingest's waits there for its spool folder's fsync, which another thread makes
+while the unit's statements run. A ``ready`` that raises fails its unit as its work would.
+
 The transactions run on a connection kept between them (:class:`HeldConnection`), not in an
 ORM session each: a unit gets the transaction's :class:`~sqlalchemy.Connection`. A unit whose
 transaction failed because that connection was found dead (the database server restarted
@@ -35,10 +39,11 @@ T = TypeVar("T")
 
 
 class _Unit(Generic[T]):
-    __slots__ = ("done", "error", "result", "work")
+    __slots__ = ("done", "error", "ready", "result", "work")
 
-    def __init__(self, work: Callable[[Connection], T]) -> None:
+    def __init__(self, work: Callable[[Connection], T], ready: Callable[[], None] | None) -> None:
         self.work = work
+        self.ready = ready
         self.done = False
         self.result: T | None = None
         self.error: BaseException | None = None
@@ -55,13 +60,14 @@ class GroupCommit:
         self._queue: list[_Unit[object]] = []
         self._leading = False
 
-    def run(self, work: Callable[[Connection], T]) -> T:
-        """Run ``work(connection)`` in a transaction, maybe shared; return after its commit.
+    def run(self, work: Callable[[Connection], T], *, ready: Callable[[], None] | None = None) -> T:
+        """Run ``work(connection)`` in a transaction, maybe shared; return after its commit,
+        which comes after ``ready()`` has returned.
 
-        Raises what ``work`` raised, or :class:`~gateway.errors.IndexError_` when the
-        commit failed (nothing of ``work`` is then in the index).
+        Raises what ``work`` or ``ready`` raised, or :class:`~gateway.errors.IndexError_`
+        when the commit failed (nothing of ``work`` is then in the index).
         """
-        unit: _Unit[T] = _Unit(work)
+        unit: _Unit[T] = _Unit(work, ready)
         with self._cond:
             self._queue.append(unit)  # type: ignore[arg-type]
         while True:
@@ -92,6 +98,9 @@ class GroupCommit:
                 with self._held.transaction() as conn:
                     for unit in batch:
                         results.append(unit.work(conn))
+                    for unit in batch:
+                        if unit.ready is not None:
+                            unit.ready()
                 for unit, result in zip(batch, results, strict=True):
                     unit.result = result
             except CommitOutcomeUnknown as exc:  # maybe committed: running again is wrong
@@ -112,7 +121,10 @@ class GroupCommit:
         for tries_left in (1, 0):
             try:
                 with self._held.transaction() as conn:
-                    unit.result = unit.work(conn)
+                    result = unit.work(conn)
+                    if unit.ready is not None:
+                        unit.ready()
+                unit.result = result
                 return
             except BaseException as exc:  # noqa: BLE001 - handed to the caller that owns the unit
                 if tries_left and isinstance(exc, LostConnection):

@@ -17,12 +17,14 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO, TypeVar, cast
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Executable, Table, bindparam, insert, select, update
@@ -48,6 +50,12 @@ from gateway.routing.match import matches
 from gateway.spool.store import Spool, SpooledObject
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+U = TypeVar("U")
+# A C-STORE's thread hands one task at a time to a helper, and a helper waits only for that
+# thread's fsync: fewer helpers than C-STOREs under way queue them, never deadlock.
+HELPER_THREADS = 16
 
 # Ingest writes its rows with Core statements on the session's connection: the ORM's unit of
 # work cost more than the statements themselves, once per received instance.
@@ -153,9 +161,13 @@ class IngestService:
         self.metrics = metrics
         self._notify = on_stream_delivery or (lambda: None)
         self._commits = GroupCommit(db)
+        # for what a C-STORE's thread computes while it waits for the disk (see store)
+        self._helpers = futures.ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="ingest")
 
     def close(self) -> None:
-        """Give back the index connection the group commit keeps between transactions."""
+        """Give back the index connection the group commit keeps between transactions, and
+        stop the helper threads (once the C-STOREs under way have finished)."""
+        self._helpers.shutdown(wait=True)
         self._commits.close()
 
     # --- association events --------------------------------------------------------------
@@ -277,16 +289,44 @@ class IngestService:
     # --- C-STORE ------------------------------------------------------------------------
     def store(self, info: AssociationInfo, request: StoreRequest) -> int:
         started = time.perf_counter()
-        header = self._validate(request)
-        self.spool.check_space()
-        size, sha256 = request.received_digest or self.spool.digest(request.dataset_path)
-        obj = self.spool.commit(request.dataset_path, size=size, sha256=sha256)
+        _check_command_uids(request)
+        temp = request.dataset_path
+
+        def sync_file() -> tuple[int, str]:
+            self.spool.check_space()
+            digest = request.received_digest or self.spool.digest(temp)
+            self.spool.sync_file(temp)
+            return digest
+
+        # the header parse on a helper thread while this one waits in the file's fsync; a
+        # bad data set is refused before its file is named in the spool, as it always was
+        header, (size, sha256) = self._beside(lambda: self._validate(request), sync_file)
+        obj = self.spool.name(temp, size=size, sha256=sha256)
         now = self.clock.now()
+        named = _Outcome()
+
+        def sync_name() -> None:
+            try:
+                self.spool.sync_name(obj)
+            except BaseException as exc:
+                named.fail(exc)
+                raise
+            named.succeed()
+
         try:
-            # committed together with other associations' instances when they arrive at once;
-            # returns only after the commit that holds this instance's rows
-            outcome, streamed = self._commits.run(
-                lambda conn: self._index(conn, info, request, header, obj.key, size, sha256, now)
+            # the index statements on a helper thread while this one waits in the folder's
+            # fsync; the commit waits for that fsync (named.wait), so the order in which
+            # things reach the disk is unchanged: file, name, folder, index (F21). Committed
+            # together with other associations' instances when they arrive at once; returns
+            # only after the commit that holds this instance's rows.
+            (outcome, streamed), _ = self._beside(
+                lambda: self._commits.run(
+                    lambda conn: self._index(
+                        conn, info, request, header, obj.key, size, sha256, now
+                    ),
+                    ready=named.wait,
+                ),
+                sync_name,
             )
         except CommitOutcomeUnknown:
             # the rows may be in the index and would name this file: it stays, and the
@@ -374,9 +414,30 @@ class IngestService:
             self._notify()
         return [outcome for outcome, _streamed in results]
 
+    def _beside(self, work: Callable[[], T], wait: Callable[[], U]) -> tuple[T, U]:
+        """``work()`` (CPU) on a helper thread while this one runs ``wait()`` (a sync, which
+        lets the interpreter lock go); both results. Both always finish; work's error is
+        raised first. This thread waits and the helper computes, not the other way round: a
+        thread that wants to start a sync while another holds the lock waits for the
+        interpreter's switch interval (5 ms). Without a helper thread (none can be made,
+        F18), ``wait()`` then ``work()`` here."""
+        try:
+            future = self._helpers.submit(work)
+        except RuntimeError:  # no thread for it, or the service is closing
+            waited = wait()
+            return work(), waited
+        try:
+            waited = wait()
+        except BaseException:
+            futures.wait([future])
+            error = future.exception()
+            if error is not None:
+                raise error from None
+            raise
+        return future.result(), waited
+
     def _validate(self, request: StoreRequest) -> _Header:
-        if not is_valid_uid(request.sop_instance_uid) or not is_valid_uid(request.sop_class_uid):
-            raise IngestError(st.INVALID_OBJECT_INSTANCE, "invalid-uid-in-command")
+        _check_command_uids(request)
         ds = read_header(
             request.dataset_path,
             max_depth=self.cfg.dicom.max_sequence_depth,
@@ -610,6 +671,32 @@ class IngestService:
                 batch = keys[i : i + _KEY_BATCH]
                 found.update(s.execute(_SPOOL_KEYS, {"keys": batch}).scalars())
         return found
+
+
+def _check_command_uids(request: StoreRequest) -> None:
+    if not is_valid_uid(request.sop_instance_uid) or not is_valid_uid(request.sop_class_uid):
+        raise IngestError(st.INVALID_OBJECT_INSTANCE, "invalid-uid-in-command")
+
+
+class _Outcome:
+    """Whether a step another thread runs has succeeded: :meth:`wait` returns once it has,
+    or raises what it raised."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+
+    def succeed(self) -> None:
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
 
 
 def _with(record: AuditRecord, **changes: object) -> AuditRecord:

@@ -74,6 +74,7 @@ class Spool:
         ``reload_keyring`` is called once when an envelope names a key-encryption key the
         keyring lacks (``keys rotate`` ran while the node was up and rewrapped it)."""
         self.root = root
+        self._root_text = os.path.abspath(root)  # for holds(), asked at every send's opens
         self.min_free_bytes = min_free_bytes
         self.keyring = keyring
         self._reload_keyring = reload_keyring
@@ -190,32 +191,57 @@ class Spool:
 
         A failed fsync is never retried (see the module's doc): the file is not renamed, or,
         when the folder's fsync failed, the renamed file is removed again, and SpoolError
-        (the spool is now unhealthy) refuses the instance."""
-        self.ensure_healthy()
-        key = new_id()
-        final = self.path_of(key)
+        (the spool is now unhealthy) refuses the instance. The three steps are also
+        :meth:`sync_file`, :meth:`name` and :meth:`sync_name`, for a caller that does other
+        work while one of them waits for the disk."""
+        self.sync_file(temp)
+        obj = self.name(temp, size=size, sha256=sha256)
+        self.sync_name(obj)
+        return obj
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """An OSError of a spool write as SpoolFullError (no space) or SpoolError."""
         try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError("spool filesystem is full") from exc
+            raise SpoolError(f"spool write failed: {exc.strerror}") from exc
+
+    def sync_file(self, temp: Path) -> None:
+        """The first step of :meth:`commit`: fsync the received file ``temp``."""
+        self.ensure_healthy()
+        with self._writing():
             fd = os.open(temp, os.O_RDONLY)
             try:
                 self._fsync(fd, "fsync of a received file")
             finally:
                 os.close(fd)
+
+    def name(self, temp: Path, *, size: int, sha256: str) -> SpooledObject:
+        """The second step of :meth:`commit`: rename the fsync'd ``temp`` to a fresh key.
+        The name is not durable until :meth:`sync_name` has returned."""
+        key = new_id()
+        final = self.path_of(key)
+        with self._writing():
             parent = final.parent
             if not parent.exists():
                 parent.mkdir(exist_ok=True)
                 self._fsync_dir(self.objects)
             os.rename(temp, final)
+        return SpooledObject(key=key, path=final, size=size, sha256=sha256)
+
+    def sync_name(self, obj: SpooledObject) -> None:
+        """The last step of :meth:`commit`: fsync the folder that holds ``obj``'s name; when
+        that fails, the file is removed again and SpoolError raised."""
+        with self._writing():
             try:
-                self._fsync_dir(parent)
+                self._fsync_dir(obj.path.parent)
             except SpoolError:
                 with contextlib.suppress(OSError):
-                    final.unlink()
+                    obj.path.unlink()
                 raise
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SpoolFullError("spool filesystem is full") from exc
-            raise SpoolError(f"spool write failed: {exc.strerror}") from exc
-        return SpooledObject(key=key, path=final, size=size, sha256=sha256)
 
     def write_file(self, target: Path, data: bytes, *, durable: bool = True) -> None:
         """Write ``data`` to ``target`` (inside the spool) encrypted and atomically; with
@@ -272,9 +298,11 @@ class Spool:
     def holds(self, path: str | os.PathLike[str]) -> bool:
         """Whether ``path`` names a file inside this spool (so is an envelope)."""
         try:
-            return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(self.root))
+            text = os.path.abspath(path)  # normalised: no ".." left to climb out
         except (TypeError, ValueError):
             return False
+        root = self._root_text
+        return text == root or text.startswith(root.rstrip(os.sep) + os.sep)
 
     def path_of(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):

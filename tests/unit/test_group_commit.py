@@ -117,6 +117,79 @@ def test_a_failed_commit_reaches_every_caller(db: Database) -> None:
         group.run(lambda s: _record(s, 1))
 
 
+def test_the_commit_waits_for_ready(db: Database) -> None:
+    """``ready`` runs after the unit's statements and before the commit: what the unit wrote
+    is not in the index until ``ready`` has returned (the ingest's folder fsync)."""
+    group = GroupCommit(db)
+    in_ready = threading.Event()
+    release = threading.Event()
+    seen_during_ready: list[int] = []
+
+    def ready() -> None:
+        with db.read() as s:  # another connection: sees only what was committed
+            seen_during_ready.append(
+                s.execute(select(func.count()).select_from(AuditEvent)).scalar_one()
+            )
+        in_ready.set()
+        assert release.wait(5)
+
+    done: list[int] = []
+    t = threading.Thread(
+        target=lambda: done.append(group.run(lambda s: _record(s, 1), ready=ready))
+    )
+    t.start()
+    assert in_ready.wait(5)
+    assert _events(db) == []  # the unit's row is written but not committed
+    release.set()
+    t.join(5)
+    assert done and seen_during_ready == [0]
+    assert _events(db) == ['{"n":1}']
+
+
+def test_a_ready_that_fails_fails_its_unit_alone(db: Database) -> None:
+    """In a batch, one unit whose ``ready`` raises (its folder's fsync failed) leaves no row;
+    the others are committed."""
+    group = GroupCommit(db)
+    release = threading.Event()
+    started = threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def slow(s: Connection) -> str:
+        started.set()
+        release.wait(5)
+        _record(s, 0)
+        return "slow"
+
+    def refuse() -> None:
+        raise OSError(5, "Input/output error")
+
+    def call(name: str, work: Any, ready: Any = None) -> None:
+        try:
+            outcomes[name] = group.run(work, ready=ready)
+        except OSError as exc:
+            outcomes[name] = exc
+
+    first = threading.Thread(target=call, args=("slow", slow))
+    first.start()
+    assert started.wait(5)
+    others = [
+        threading.Thread(target=call, args=("bad", lambda s: (_record(s, 1), "bad")[1], refuse)),
+        threading.Thread(
+            target=call, args=("good", lambda s: (_record(s, 2), "good")[1], lambda: None)
+        ),
+    ]
+    for t in others:
+        t.start()
+    while len(group._queue) < 2:
+        threading.Event().wait(0.01)
+    release.set()
+    for t in [first, *others]:
+        t.join(10)
+    assert outcomes["slow"] == "slow" and outcomes["good"] == "good"
+    assert isinstance(outcomes["bad"], OSError)
+    assert _events(db) == ['{"n":0}', '{"n":2}']
+
+
 def _count_checkouts(db: Database) -> list[int]:
     checkouts = [0]
 
