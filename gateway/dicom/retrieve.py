@@ -31,6 +31,7 @@ from pynetdicom.dsutils import encode
 
 from gateway.config import DestinationConfig
 from gateway.dicom.scu import NoAcceptableSyntax, OutgoingFile, StoreSCU, send_converted
+from gateway.dicom.spool_io import one_reader
 from gateway.errors import DeliveryError, RetryableError
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,8 @@ def get_sender(assoc: Any, base_message_id: int) -> Iterator[Callable[[OutgoingF
             raise NoAcceptableSyntax("no Storage SCP role negotiated for this SOP class")
         message_id[0] = message_id[0] % 65535 + 1
         if f.transfer_syntax_uid in syntaxes:
-            rsp = assoc.send_c_store(f.path, msg_id=message_id[0])
+            with one_reader():
+                rsp = assoc.send_c_store(f.path, msg_id=message_id[0])
         else:
             rsp = send_converted(assoc, f, syntaxes, msg_id=message_id[0])
         status = getattr(rsp, "Status", None)

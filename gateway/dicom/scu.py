@@ -40,7 +40,7 @@ from pynetdicom.presentation import build_context
 from gateway.config import DestinationConfig
 from gateway.crypto.tls import check_pin
 from gateway.dicom.contexts import UNCOMPRESSED
-from gateway.dicom.spool_io import open_plain
+from gateway.dicom.spool_io import one_reader, open_plain
 from gateway.dicom.tls import destination_context
 from gateway.errors import (
     IntegrityError,
@@ -195,8 +195,9 @@ class Sender:
         syntaxes = self.link.accepted.get(f.sop_class_uid, set())
         try:
             if f.transfer_syntax_uid in syntaxes:
-                # decrypted by gateway.dicom.spool_io
-                rsp = assoc.send_c_store(f.path, **self.moved)
+                # decrypted by gateway.dicom.spool_io, once for the send's two opens
+                with one_reader():
+                    rsp = assoc.send_c_store(f.path, **self.moved)
             elif syntaxes & _UNCOMPRESSED:
                 rsp = send_converted(assoc, f, syntaxes, **self.moved)
             else:
