@@ -307,7 +307,9 @@ class IngestService:
 
         def sync_name() -> None:
             try:
-                self.spool.sync_name(obj)
+                # a failure reaches the index transaction before the spool's health audit,
+                # which needs the index's write lock that transaction holds
+                self.spool.sync_name(obj, failed=named.fail)
             except BaseException as exc:
                 named.fail(exc)
                 raise

@@ -108,19 +108,32 @@ class Spool:
     def healthy(self) -> bool:
         return self._unhealthy is None
 
-    def _failed(self, what: str, exc: OSError) -> SpoolError:
-        """Record a failed fsync (never retried on that file) and return the error to raise."""
+    def _failed(
+        self,
+        what: str,
+        exc: OSError,
+        before_report: Callable[[SpoolError], None] | None = None,
+    ) -> SpoolError:
+        """Record a failed fsync (never retried on that file) and return the error to raise.
+        ``before_report(error)`` is called before the health change is reported (whose
+        audit writes to the index)."""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return SpoolFullError("spool filesystem is full")
+            error: SpoolError = SpoolFullError("spool filesystem is full")
+            if before_report is not None:
+                before_report(error)
+            return error
         reason = f"{what} failed: {errno.errorcode.get(exc.errno or 0, 'error')}"
         with self._health_lock:
             changed = self._unhealthy is None
             self._unhealthy = reason
             self._last_failure = self._monotonic()
+        error = SpoolError(f"spool unhealthy: {reason}")
+        if before_report is not None:
+            before_report(error)
         if changed:
             log.error("spool marked unhealthy", extra={"reason": reason})
             self.on_health(False, reason)
-        return SpoolError(f"spool unhealthy: {reason}")
+        return error
 
     def _fsync(self, fd: int, what: str) -> None:
         try:
@@ -128,11 +141,13 @@ class Spool:
         except OSError as exc:
             raise self._failed(what, exc) from exc
 
-    def _fsync_dir(self, path: Path) -> None:
+    def _fsync_dir(
+        self, path: Path, before_report: Callable[[SpoolError], None] | None = None
+    ) -> None:
         try:
             fsync_dir(path)
         except OSError as exc:
-            raise self._failed("fsync of a spool folder", exc) from exc
+            raise self._failed("fsync of a spool folder", exc, before_report) from exc
 
     def ensure_healthy(self) -> None:
         """Raise :class:`SpoolError` while the spool is unhealthy and a probe (at most one per
@@ -232,12 +247,17 @@ class Spool:
             os.rename(temp, final)
         return SpooledObject(key=key, path=final, size=size, sha256=sha256)
 
-    def sync_name(self, obj: SpooledObject) -> None:
+    def sync_name(
+        self, obj: SpooledObject, *, failed: Callable[[SpoolError], None] | None = None
+    ) -> None:
         """The last step of :meth:`commit`: fsync the folder that holds ``obj``'s name; when
-        that fails, the file is removed again and SpoolError raised."""
+        that fails, the file is removed again and SpoolError raised. ``failed(error)`` is
+        called first, before the spool's health change is reported: that report's audit
+        writes to the index, so a caller whose index transaction waits for this fsync on
+        another thread must hear of the failure before it."""
         with self._writing():
             try:
-                self._fsync_dir(obj.path.parent)
+                self._fsync_dir(obj.path.parent, failed)
             except SpoolError:
                 with contextlib.suppress(OSError):
                     obj.path.unlink()
