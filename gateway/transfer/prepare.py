@@ -4,8 +4,9 @@ For a delivery whose route names a profile, every instance is de-identified into
 delivery's folder under ``spool/outgoing/`` and must pass the leak gate before anything of
 the delivery is sent. Any failure raises :class:`~gateway.errors.QuarantineError` with a
 reason naming tag paths and error types, never values; the worker then quarantines the
-delivery. Profiles are read at every attempt, so a fixed profile applies when an admin
-re-queues a quarantined delivery.
+delivery. Profiles are read once at every attempt (at its first instance), so a fixed
+profile applies when an admin re-queues a quarantined delivery, and every instance of an
+attempt has the same one.
 
 The instance is read as plaintext through the spool (verified envelope segments) and the
 prepared output is written back as an envelope under the spool's key-encryption key: a
@@ -76,6 +77,9 @@ class DeidStep:
         self.spool = spool
         self._key: ProjectKey | None = None
         self._summaries: dict[str, dict[str, object]] = {}
+        # the profile as read at the attempt's first instance, until release(): read and
+        # parsed per instance it was ~0.35 ms of each one's ~3 ms
+        self._profiles: dict[str, Profile] = {}
 
     def key(self) -> ProjectKey:
         if self._key is None:
@@ -89,7 +93,10 @@ class DeidStep:
         if not delivery.profile:
             return item
         try:
-            profile = resolve_profile(self.cfg, delivery.profile)
+            profile = self._profiles.get(delivery.delivery_id)
+            if profile is None:
+                profile = resolve_profile(self.cfg, delivery.profile)
+                self._profiles[delivery.delivery_id] = profile
             out_dir = self.folder(delivery.delivery_id)
             out_dir.mkdir(parents=True, exist_ok=True)
             with self.spool.open_path(item.path) as src:
@@ -131,4 +138,5 @@ class DeidStep:
     def release(self, delivery_id: str) -> None:
         """Remove the delivery's prepared files once an attempt is over."""
         self._summaries.pop(delivery_id, None)
+        self._profiles.pop(delivery_id, None)
         shutil.rmtree(self.folder(delivery_id), ignore_errors=True)
