@@ -9,13 +9,16 @@ output file behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
@@ -29,6 +32,8 @@ from gateway.deid.leak import leak_check
 from gateway.deid.ocr import OcrEngine, default_engine
 from gateway.deid.profiles import Profile
 from gateway.errors import DeidError, LeakError
+
+_STREAM_AT = 64 * 1024  # values from this size are written from a file object (_streamed)
 
 
 @dataclass(frozen=True)
@@ -104,15 +109,36 @@ def encode(out: Dataset) -> bytes:
         ds_instance and ds_instance != meta.MediaStorageSOPInstanceUID
     ):
         meta.MediaStorageSOPInstanceUID = ds_instance
-    if "PixelData" in out:  # PS3.5 A.4: encapsulated pixel data has undefined length
-        out["PixelData"].is_undefined_length = ts.is_compressed
+    pixels = out["PixelData"] if "PixelData" in out else None
+    if pixels is not None:  # PS3.5 A.4: encapsulated pixel data has undefined length
+        pixels.is_undefined_length = ts.is_compressed
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = ts.is_implicit_VR, ts.is_little_endian
     fp.write(preamble)
     fp.write(b"DICM")
     write_file_meta_info(fp, meta, enforce_standard=True)
-    write_dataset(fp, out)
+    with _streamed(pixels):
+        write_dataset(fp, out)
     return fp.getvalue()
+
+
+@contextlib.contextmanager
+def _streamed(elem: DataElement | None) -> Iterator[None]:
+    """While the block runs, a large bytes value of ``elem`` is a file object over it.
+
+    pydicom writes a bytes value into a buffer of its own, copies that out and writes the
+    copy: three copies of a CT's 513 KB of Pixel Data, 0.95 against 0.53 ms per instance
+    for the whole data set. A value that is a file object (pydicom's buffered value) it
+    writes after its length, straight from the file object, to the same bytes."""
+    value = elem.value if elem is not None else None
+    if elem is None or not isinstance(value, bytes) or len(value) < _STREAM_AT:
+        yield
+        return
+    elem.value = BytesIO(value)
+    try:
+        yield
+    finally:
+        elem.value = value
 
 
 def deidentify_file(
