@@ -25,6 +25,9 @@ STREAM_LINGER = timedelta(seconds=0.2)
 """A streaming delivery becomes claimable this long after its first instance: the study's
 next instances join it meanwhile, so one association carries many (an association, a claim
 and a finish per instance cost more than sending it)."""
+STREAM_QUIET = timedelta(seconds=0.05)
+"""... or sooner, once no instance has joined it for this long: the study's instances have
+stopped arriving (or paused), and its last ones wait for the quiet, not the linger."""
 
 _DELIVERIES = cast(Table, Delivery.__table__)
 _ITEMS = cast(Table, DeliveryItem.__table__)
@@ -171,6 +174,12 @@ class _DueQueries:
 def _due_queries(with_horizon: bool) -> _DueQueries:
     now = bindparam("now", type_=Delivery.next_attempt_at.type)
     retry_due = Delivery.next_attempt_at <= now
+    # a streaming delivery (pending, never attempted) no instance has joined since ``quiet``
+    stream_quiet = (
+        (Delivery.state == State.PENDING.value)
+        & (Delivery.attempts == 0)
+        & (Delivery.updated_at <= bindparam("quiet", type_=Delivery.updated_at.type))
+    )
     lease_over = Delivery.lease_expires_at < now
     lease_live = Delivery.lease_expires_at >= now
     if with_horizon:
@@ -180,6 +189,7 @@ def _due_queries(with_horizon: bool) -> _DueQueries:
         lease_live = lease_live & (Delivery.lease_expires_at <= beyond)
     due = or_(
         (Delivery.state.in_([s.value for s in CLAIMABLE])) & retry_due,
+        stream_quiet,
         (Delivery.state == State.IN_PROGRESS.value) & lease_over,
     )
     return _DueQueries(
@@ -199,7 +209,7 @@ def _due_queries(with_horizon: bool) -> _DueQueries:
 def _due(now: datetime, horizon: float | None) -> tuple[_DueQueries, dict[str, datetime]]:
     """(the statements finding the deliveries due at ``now`` and the leases still live,
     their parameters), see :func:`claim`."""
-    params = {"now": now}
+    params = {"now": now, "quiet": now - STREAM_QUIET}
     if horizon is not None:
         params["beyond"] = now + timedelta(seconds=horizon)
     return _due_queries(horizon is not None), params

@@ -128,8 +128,10 @@ class Worker:
             if not worked and self.wakeup.wait(self.cfg.worker.poll_interval):
                 self.wakeup.clear()
                 # woken by a streamed instance (or a routed study): a streaming delivery is
-                # claimable only after its linger, so look again then
-                self._stop.wait(deliveries.STREAM_LINGER.total_seconds())
+                # claimable once its study has been quiet a moment (or after its linger), so
+                # look again then. While the study streams, its next instances wake the
+                # thread again meanwhile, and its last one makes the look that finds it quiet
+                self._stop.wait(deliveries.STREAM_QUIET.total_seconds())
                 look = True
 
     def _poll_turn(self) -> bool:

@@ -494,6 +494,53 @@ def test_any_due_agrees_with_claim_and_reads_without_the_writer(db: Database) ->
         assert not deliveries.any_due(s, now=later)
 
 
+def test_a_streaming_delivery_is_claimable_once_quiet_or_after_its_linger(db: Database) -> None:
+    """Claimable STREAM_QUIET after the last instance joined it (the study stopped), or
+    STREAM_LINGER after its first while instances keep joining, whichever comes first."""
+    ids = _instances(db, 8)
+    quiet = deliveries.STREAM_QUIET
+    step = quiet * 0.8  # instances arriving closer together than the quiet
+
+    def append(instance_id: int, at: datetime) -> str:
+        with db.session() as s:
+            return deliveries.append_to_open(
+                s,
+                study_instance_uid="1.2.3",
+                route_name="r",
+                destination="pacs",
+                profile="",
+                instance_id=instance_id,
+                now=at,
+                linger=deliveries.STREAM_LINGER,
+            )
+
+    def due(at: datetime) -> bool:
+        with db.read() as s:
+            return deliveries.any_due(s, now=at)
+
+    # a study that stops after two instances: claimable a quiet after the second
+    first = append(ids[0], T0)
+    append(ids[1], T0 + step)
+    assert not due(T0 + step + quiet * 0.9)
+    assert due(T0 + step + quiet)
+    claimed = _claim(db, "w1", T0 + step + quiet)
+    assert claimed is not None and claimed.delivery_id == first
+    # a study that keeps streaming: never quiet, claimable at its linger
+    t1 = T0 + timedelta(seconds=10)
+    second = append(ids[2], t1)
+    assert second != first
+    for k, instance_id in enumerate(ids[3:7], start=1):
+        at = t1 + step * k
+        assert append(instance_id, at) == second
+        if at + quiet * 0.9 < t1 + deliveries.STREAM_LINGER:
+            assert not due(at + quiet * 0.9)
+    last = t1 + step * 4
+    assert t1 + deliveries.STREAM_LINGER < last + quiet  # not quiet yet at the linger ...
+    assert due(t1 + deliveries.STREAM_LINGER)  # ... but due
+    claimed = _claim(db, "w2", t1 + deliveries.STREAM_LINGER, capacity={"pacs": 2})
+    assert claimed is not None and claimed.delivery_id == second
+
+
 def test_any_due_with_capacity_skips_busy_destinations(db: Database) -> None:
     """A due delivery whose destination has every slot busy is not worth a claim."""
     ids = _instances(db, 2)

@@ -16,9 +16,16 @@ from sqlalchemy import event
 
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig
+from gateway.index import deliveries
 from gateway.index.db import Database
 from gateway.index.models import Delivery
-from tests.unit.test_clock_jumps import Refusing, _worker, pending_delivery, worker_config
+from tests.unit.test_clock_jumps import (
+    Refusing,
+    _instance,
+    _worker,
+    pending_delivery,
+    worker_config,
+)
 
 POLL = 0.1
 THREADS = 4
@@ -84,6 +91,40 @@ def test_a_delivery_falling_due_is_found_and_a_wake_up_looks_at_once(
         deadline = time.monotonic() + 1
         while dest.attempts < 2:
             assert time.monotonic() < deadline, "a wake-up did not make a thread look"
+            time.sleep(0.02)
+    finally:
+        worker.stop(timeout=5)
+
+
+def test_a_streamed_study_that_stops_is_sent_after_a_quiet_not_its_linger(
+    tmp_path: Path, db: Database
+) -> None:
+    """A streaming delivery no instance has joined for STREAM_QUIET is claimable: the wake-up
+    of its last instance makes the look that finds it, long before its linger (30 s here)
+    and the next timed look (5 s)."""
+    cfg = worker_config(tmp_path, "threads = 2\npoll_interval = 5\nbackoff_initial = 600")
+    dest = Refusing()
+    clock = SystemClock()
+    worker = _worker(cfg, db, clock, dest)
+    worker.start()
+    try:
+        time.sleep(0.3)  # the threads' first looks, before the study arrives
+        now = clock.now()
+        with db.session() as s:
+            deliveries.append_to_open(
+                s,
+                study_instance_uid="1.2.3",
+                route_name="all",
+                destination="pacs",
+                profile="",
+                instance_id=_instance(db, now),
+                now=now,
+                linger=timedelta(seconds=30),
+            )
+        worker.wakeup.set()  # as the ingest does for a streamed instance
+        deadline = time.monotonic() + 2
+        while dest.attempts == 0:
+            assert time.monotonic() < deadline, "a quiet streamed study was not sent"
             time.sleep(0.02)
     finally:
         worker.stop(timeout=5)
