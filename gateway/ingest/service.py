@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +42,7 @@ from gateway.index.db import CommitOutcomeUnknown, Database
 from gateway.index.group_commit import GroupCommit
 from gateway.index.models import Instance, RouteCandidate, Series, Study
 from gateway.index.prepared import Prepared
+from gateway.ingest.helpers import Helpers
 from gateway.ingest.parse import PrefixedReader, read_header
 from gateway.metrics import Metrics
 from gateway.received import UnreadableValue, value_texts
@@ -53,9 +53,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 U = TypeVar("U")
-# A C-STORE's thread hands one task at a time to a helper, and a helper waits only for that
-# thread's fsync: fewer helpers than C-STOREs under way queue them, never deadlock.
-HELPER_THREADS = 16
+# helper threads per process (gateway.ingest.helpers); with more associations than this at
+# once, the cores are busy with their work anyway
+HELPER_THREADS = 2
 
 # Ingest writes its rows with Core statements on the session's connection: the ORM's unit of
 # work cost more than the statements themselves, once per received instance.
@@ -162,12 +162,12 @@ class IngestService:
         self._notify = on_stream_delivery or (lambda: None)
         self._commits = GroupCommit(db)
         # for what a C-STORE's thread computes while it waits for the disk (see store)
-        self._helpers = futures.ThreadPoolExecutor(HELPER_THREADS, thread_name_prefix="ingest")
+        self._helpers = Helpers(HELPER_THREADS)
 
     def close(self) -> None:
         """Give back the index connection the group commit keeps between transactions, and
         stop the helper threads (once the C-STOREs under way have finished)."""
-        self._helpers.shutdown(wait=True)
+        self._helpers.close()
         self._commits.close()
 
     # --- association events --------------------------------------------------------------
@@ -421,22 +421,20 @@ class IngestService:
         lets the interpreter lock go); both results. Both always finish; work's error is
         raised first. This thread waits and the helper computes, not the other way round: a
         thread that wants to start a sync while another holds the lock waits for the
-        interpreter's switch interval (5 ms). Without a helper thread (none can be made,
-        F18), ``wait()`` then ``work()`` here."""
-        try:
-            future = self._helpers.submit(work)
-        except RuntimeError:  # no thread for it, or the service is closing
+        interpreter's switch interval (5 ms). Without a helper thread (none could be
+        started, F18), ``wait()`` then ``work()`` here."""
+        task = self._helpers.submit(work)
+        if task is None:
             waited = wait()
             return work(), waited
         try:
             waited = wait()
         except BaseException:
-            futures.wait([future])
-            error = future.exception()
+            error = task.error()  # waits for it
             if error is not None:
                 raise error from None
             raise
-        return future.result(), waited
+        return task.wait(), waited
 
     def _validate(self, request: StoreRequest) -> _Header:
         _check_command_uids(request)

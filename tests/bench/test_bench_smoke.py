@@ -166,7 +166,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for row in profiled.values():
         assert row["instances"] == 8 and row["samples"] > 0, row
         assert abs(sum(p["share"] for p in row["by_part"]) - 1) < 0.01
-        assert any(t["name"].startswith("IngestService.store ") for t in row["total_gateway"])
+        assert any(t["name"].startswith("IngestService.") for t in row["total_gateway"])
         assert (out / row["raw"]).read_text().strip()
     assert "Where the node's Python time goes" in (out / "latest.md").read_text()
 
@@ -181,7 +181,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # one more node-stream run, profiled: serve and its worker process, forwarding included
     (streamed,) = e2e["profile"]["rows"]
     assert streamed["system"] == "node-stream" and streamed["samples"] > 0, streamed
-    assert any(t["name"].startswith("IngestService.store ") for t in streamed["total_gateway"])
+    # the ingest's work: the C-STORE's thread, or its helper thread (the parse, the index)
+    assert any(t["name"].startswith("IngestService.") for t in streamed["total_gateway"])
     assert "/gateway/transfer/worker.py" in (out / "profile-e2e-node-stream.txt").read_text()
 
     deid = doc["scenarios"]["deid"]["result"]

@@ -418,20 +418,28 @@ def test_admin_cancel_follows_the_state_machine(db: Database, state: State) -> N
             assert not deliveries.renew(s, did, worker="w1", until=T0 + timedelta(days=3))
 
 
+def _append(
+    db: Database, instance_id: int, at: datetime = T0, linger: timedelta = timedelta(0)
+) -> str:
+    """``append_to_open`` of one instance of study 1.2.3 on route "r" to "pacs" at ``at``."""
+    with db.session() as s:
+        return deliveries.append_to_open(
+            s,
+            study_instance_uid="1.2.3",
+            route_name="r",
+            destination="pacs",
+            profile="",
+            instance_id=instance_id,
+            now=at,
+            linger=linger,
+        )
+
+
 def test_append_to_open_joins_the_unclaimed_delivery(db: Database) -> None:
     ids = _instances(db, 3)
 
     def append(instance_id: int) -> str:
-        with db.session() as s:
-            return deliveries.append_to_open(
-                s,
-                study_instance_uid="1.2.3",
-                route_name="r",
-                destination="pacs",
-                profile="",
-                instance_id=instance_id,
-                now=T0,
-            )
+        return _append(db, instance_id)
 
     first = append(ids[0])
     assert append(ids[1]) == first
@@ -446,17 +454,7 @@ def test_any_due_agrees_with_claim_and_reads_without_the_writer(db: Database) ->
     ids = _instances(db, 1)
     with db.read() as s:
         assert not deliveries.any_due(s, now=T0)
-    with db.session() as s:
-        deliveries.append_to_open(
-            s,
-            study_instance_uid="1.2.3",
-            route_name="r",
-            destination="pacs",
-            profile="",
-            instance_id=ids[0],
-            now=T0,
-            linger=timedelta(seconds=0.2),
-        )
+    _append(db, ids[0], T0, timedelta(seconds=0.2))
     with db.read() as s:  # lingering: not claimable yet, and claim agrees
         assert not deliveries.any_due(s, now=T0)
     assert _claim(db, "w1", T0) is None
@@ -502,17 +500,7 @@ def test_a_streaming_delivery_is_claimable_once_quiet_or_after_its_linger(db: Da
     step = quiet * 0.8  # instances arriving closer together than the quiet
 
     def append(instance_id: int, at: datetime) -> str:
-        with db.session() as s:
-            return deliveries.append_to_open(
-                s,
-                study_instance_uid="1.2.3",
-                route_name="r",
-                destination="pacs",
-                profile="",
-                instance_id=instance_id,
-                now=at,
-                linger=deliveries.STREAM_LINGER,
-            )
+        return _append(db, instance_id, at, deliveries.STREAM_LINGER)
 
     def due(at: datetime) -> bool:
         with db.read() as s:

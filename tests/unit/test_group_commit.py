@@ -57,8 +57,14 @@ def test_concurrent_units_share_commits_and_each_sees_its_own_result(db: Databas
     assert commits[0] < 200
 
 
-def test_a_failing_unit_fails_alone(db: Database) -> None:
-    group = GroupCommit(db)
+def _behind_a_slow_leader(
+    group: GroupCommit,
+    bad: tuple[Any, Any],
+    good: tuple[Any, Any],
+    error: type[BaseException],
+) -> dict[str, object]:
+    """Units ``bad`` and ``good`` ((work, ready) each) queued behind a slow leader, so the
+    next leader runs them in one batch; each one's result, or its ``error``."""
     release = threading.Event()
     started = threading.Event()
     outcomes: dict[str, object] = {}
@@ -69,27 +75,18 @@ def test_a_failing_unit_fails_alone(db: Database) -> None:
         _record(s, 0)
         return "slow"
 
-    def bad(s: Connection) -> str:
-        _record(s, 1)
-        raise IndexError_("this unit fails")
-
-    def good(s: Connection) -> str:
-        _record(s, 2)
-        return "good"
-
-    def call(name: str, work: Any) -> None:
+    def call(name: str, work: Any, ready: Any = None) -> None:
         try:
-            outcomes[name] = group.run(work)
-        except IndexError_ as exc:
+            outcomes[name] = group.run(work, ready=ready)
+        except error as exc:
             outcomes[name] = exc
 
     first = threading.Thread(target=call, args=("slow", slow))
     first.start()
     assert started.wait(5)
-    # queued behind the slow leader, so the next leader runs these two in one batch
     others = [
-        threading.Thread(target=call, args=("bad", bad)),
-        threading.Thread(target=call, args=("good", good)),
+        threading.Thread(target=call, args=("bad", *bad)),
+        threading.Thread(target=call, args=("good", *good)),
     ]
     for t in others:
         t.start()
@@ -99,6 +96,19 @@ def test_a_failing_unit_fails_alone(db: Database) -> None:
     for t in [first, *others]:
         t.join(10)
     assert outcomes["slow"] == "slow" and outcomes["good"] == "good"
+    return outcomes
+
+
+def test_a_failing_unit_fails_alone(db: Database) -> None:
+    def bad(s: Connection) -> str:
+        _record(s, 1)
+        raise IndexError_("this unit fails")
+
+    def good(s: Connection) -> str:
+        _record(s, 2)
+        return "good"
+
+    outcomes = _behind_a_slow_leader(GroupCommit(db), (bad, None), (good, None), IndexError_)
     assert isinstance(outcomes["bad"], IndexError_)
     with db.session() as s:
         assert verify(s) == 2  # the failed unit left nothing; the chain is whole
@@ -149,43 +159,16 @@ def test_the_commit_waits_for_ready(db: Database) -> None:
 def test_a_ready_that_fails_fails_its_unit_alone(db: Database) -> None:
     """In a batch, one unit whose ``ready`` raises (its folder's fsync failed) leaves no row;
     the others are committed."""
-    group = GroupCommit(db)
-    release = threading.Event()
-    started = threading.Event()
-    outcomes: dict[str, object] = {}
-
-    def slow(s: Connection) -> str:
-        started.set()
-        release.wait(5)
-        _record(s, 0)
-        return "slow"
 
     def refuse() -> None:
         raise OSError(5, "Input/output error")
 
-    def call(name: str, work: Any, ready: Any = None) -> None:
-        try:
-            outcomes[name] = group.run(work, ready=ready)
-        except OSError as exc:
-            outcomes[name] = exc
-
-    first = threading.Thread(target=call, args=("slow", slow))
-    first.start()
-    assert started.wait(5)
-    others = [
-        threading.Thread(target=call, args=("bad", lambda s: (_record(s, 1), "bad")[1], refuse)),
-        threading.Thread(
-            target=call, args=("good", lambda s: (_record(s, 2), "good")[1], lambda: None)
-        ),
-    ]
-    for t in others:
-        t.start()
-    while len(group._queue) < 2:
-        threading.Event().wait(0.01)
-    release.set()
-    for t in [first, *others]:
-        t.join(10)
-    assert outcomes["slow"] == "slow" and outcomes["good"] == "good"
+    outcomes = _behind_a_slow_leader(
+        GroupCommit(db),
+        (lambda s: (_record(s, 1), "bad")[1], refuse),
+        (lambda s: (_record(s, 2), "good")[1], lambda: None),
+        OSError,
+    )
     assert isinstance(outcomes["bad"], OSError)
     assert _events(db) == ['{"n":0}', '{"n":2}']
 
