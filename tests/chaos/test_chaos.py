@@ -344,7 +344,12 @@ def classify(trace: Path, node_port: int, dest_port: int) -> tuple[str, str]:
 def attach_strace(pid: int, trace: Path, syscall: str, when: int) -> subprocess.Popen[bytes]:
     """strace attached to every thread of the running node (and those it starts later),
     killing it on entry to the ``when``-th ``syscall`` of one thread; returns once attached
-    (attaching after start-up keeps the slow start of a traced Python process out)."""
+    (attaching after start-up keeps the slow start of a traced Python process out).
+
+    A restarted node forwards at once, so the injection can hit a thread strace holds while
+    it still attaches the others: a node that died meanwhile counts as attached (the round
+    reads the kill from the trace as any other; before, the wait for every thread of the
+    dead node ran out and failed the test)."""
     tracer = subprocess.Popen(
         [
             *("strace", "-f", "-qq", "-yy", "-s", "8", "-o", str(trace)),
@@ -354,19 +359,33 @@ def attach_strace(pid: int, trace: Path, syscall: str, when: int) -> subprocess.
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    untraced: list[str] = []
 
     def attached() -> bool:
+        untraced.clear()
+        if _gone(pid):
+            return True
         try:
-            return all(
-                f"TracerPid:\t{tracer.pid}\n" in (task / "status").read_text()
-                for task in Path(f"/proc/{pid}/task").iterdir()
-            )
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                status = (task / "status").read_text()
+                if f"TracerPid:\t{tracer.pid}\n" not in status:
+                    untraced.append(f"{task.name} {status.splitlines()[0]}")
         except OSError:
-            return False
+            return _gone(pid)
+        return not untraced
 
     if not wait_for("strace to attach", attached, 15, 0.02):
-        raise AssertionError("strace did not attach to the node")
+        raise AssertionError(f"strace did not attach to the node; not traced: {untraced}")
     return tracer
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(") ", 1)[-1][:1] in ("Z", "X")
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
