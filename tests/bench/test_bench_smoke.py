@@ -166,8 +166,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for row in profiled.values():
         assert row["instances"] == 8 and row["samples"] > 0, row
         assert abs(sum(p["share"] for p in row["by_part"]) - 1) < 0.01
-        assert any(t["name"].startswith("IngestService.") for t in row["total_gateway"])
-        assert (out / row["raw"]).read_text().strip()
+        # the ingest's code is in the stacks (the C-STORE's thread or its helper thread)
+        assert "/gateway/ingest/service.py" in (out / row["raw"]).read_text()
+        assert row["total_gateway"], row
+        assert all(" (gateway/" in t["name"] for t in row["total_gateway"]), row
     assert "Where the node's Python time goes" in (out / "latest.md").read_text()
 
     e2e = doc["scenarios"]["e2e"]["result"]
@@ -181,9 +183,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # one more node-stream run, profiled: serve and its worker process, forwarding included
     (streamed,) = e2e["profile"]["rows"]
     assert streamed["system"] == "node-stream" and streamed["samples"] > 0, streamed
-    # the ingest's work: the C-STORE's thread, or its helper thread (the parse, the index)
-    assert any(t["name"].startswith("IngestService.") for t in streamed["total_gateway"])
-    assert "/gateway/transfer/worker.py" in (out / "profile-e2e-node-stream.txt").read_text()
+    # the ingest's code and the worker's are in the stacks (8 instances: too few samples for
+    # either to be sure of a place among the top functions)
+    stacks = (out / "profile-e2e-node-stream.txt").read_text()
+    assert "/gateway/ingest/service.py" in stacks and "/gateway/transfer/worker.py" in stacks
+    assert streamed["total_gateway"], streamed
+    assert all(" (gateway/" in t["name"] for t in streamed["total_gateway"]), streamed
 
     deid = doc["scenarios"]["deid"]["result"]
     assert deid["systems"] == ["node-basic-file", "dicognito", "pydicom-deid"]
