@@ -65,6 +65,7 @@ class Helpers:
     def __init__(self, count: int, *, name: str = "ingest-helper") -> None:
         self._tasks: queue.SimpleQueue[Task[object] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # a task is queued before close()'s stops, or not at all
         for i in range(count):
             thread = threading.Thread(target=self._serve, name=f"{name}-{i}", daemon=True)
             try:
@@ -76,17 +77,19 @@ class Helpers:
 
     def submit(self, fn: Callable[[], T]) -> Task[T] | None:
         """``fn`` queued for a helper, or None when there is none (or after :meth:`close`)."""
-        if not self._threads:
-            return None
         task: Task[T] = Task(fn)
-        self._tasks.put(task)  # type: ignore[arg-type]
+        with self._lock:
+            if not self._threads:
+                return None
+            self._tasks.put(task)  # type: ignore[arg-type]
         return task
 
     def close(self) -> None:
         """Stop the helpers once the tasks queued so far have run."""
-        threads, self._threads = self._threads, []
-        for _ in threads:
-            self._tasks.put(None)
+        with self._lock:
+            threads, self._threads = self._threads, []
+            for _ in threads:
+                self._tasks.put(None)
         for thread in threads:
             thread.join()
 
