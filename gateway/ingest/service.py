@@ -300,7 +300,7 @@ class IngestService:
 
         # the header parse on a helper thread while this one waits in the file's fsync; a
         # bad data set is refused before its file is named in the spool, as it always was
-        header, (size, sha256) = self._beside(lambda: self._validate(request), sync_file)
+        header, (size, sha256) = self._beside(lambda: self._parse_header(request), sync_file)
         obj = self.spool.name(temp, size=size, sha256=sha256)
         now = self.clock.now()
         named = _Outcome()
@@ -438,6 +438,10 @@ class IngestService:
 
     def _validate(self, request: StoreRequest) -> _Header:
         _check_command_uids(request)
+        return self._parse_header(request)
+
+    def _parse_header(self, request: StoreRequest) -> _Header:
+        """The received data set's header, checked against the command (its UIDs checked)."""
         ds = read_header(
             request.dataset_path,
             max_depth=self.cfg.dicom.max_sequence_depth,

@@ -74,7 +74,9 @@ class Spool:
         ``reload_keyring`` is called once when an envelope names a key-encryption key the
         keyring lacks (``keys rotate`` ran while the node was up and rewrapped it)."""
         self.root = root
-        self._root_text = os.path.abspath(root)  # for holds(), asked at every send's opens
+        # for holds(), asked at every send's opens
+        self._root_text = os.path.abspath(root)
+        self._root_prefix = self._root_text.rstrip(os.sep) + os.sep
         self.min_free_bytes = min_free_bytes
         self.keyring = keyring
         self._reload_keyring = reload_keyring
@@ -321,8 +323,7 @@ class Spool:
             text = os.path.abspath(path)  # normalised: no ".." left to climb out
         except (TypeError, ValueError):
             return False
-        root = self._root_text
-        return text == root or text.startswith(root.rstrip(os.sep) + os.sep)
+        return text == self._root_text or text.startswith(self._root_prefix)
 
     def path_of(self, key: str) -> Path:
         if len(key) != 32 or not all(c in "0123456789abcdef" for c in key):
