@@ -291,45 +291,45 @@ class IngestService:
         started = time.perf_counter()
         _check_command_uids(request)
         temp = request.dataset_path
-
-        def sync_file() -> tuple[int, str]:
-            self.spool.check_space()
-            digest = request.received_digest or self.spool.digest(temp)
-            self.spool.sync_file(temp)
-            return digest
-
+        self.spool.check_space()
+        size, sha256 = request.received_digest or self.spool.digest(temp)
         # the header parse on a helper thread while this one waits in the file's fsync; a
-        # bad data set is refused before its file is named in the spool, as it always was
-        header, (size, sha256) = self._beside(lambda: self._parse_header(request), sync_file)
+        # bad data set is refused before its file is named in the spool, as it always was.
+        # The fsync is prepared (the file opened) before the hand-over, so that nothing but
+        # the fsync lies between them (Spool.file_sync)
+        with self.spool.file_sync(temp) as fsync_file:
+            header, _ = self._beside(lambda: self._parse_header(request), fsync_file)
         obj = self.spool.name(temp, size=size, sha256=sha256)
         now = self.clock.now()
         named = _Outcome()
-
-        def sync_name() -> None:
-            try:
-                # a failure reaches the index transaction before the spool's health audit,
-                # which needs the index's write lock that transaction holds
-                self.spool.sync_name(obj, failed=named.fail)
-            except BaseException as exc:
-                named.fail(exc)
-                raise
-            named.succeed()
-
         try:
-            # the index statements on a helper thread while this one waits in the folder's
-            # fsync; the commit waits for that fsync (named.wait), so the order in which
-            # things reach the disk is unchanged: file, name, folder, index (F21). Committed
-            # together with other associations' instances when they arrive at once; returns
-            # only after the commit that holds this instance's rows.
-            (outcome, streamed), _ = self._beside(
-                lambda: self._commits.run(
-                    lambda conn: self._index(
-                        conn, info, request, header, obj.key, size, sha256, now
+            # a failure reaches the index transaction before the spool's health audit, which
+            # needs the index's write lock that transaction holds
+            with self.spool.name_sync(obj, failed=named.fail) as fsync_name:
+
+                def sync_name() -> None:
+                    try:
+                        fsync_name()
+                    except BaseException as exc:
+                        named.fail(exc)
+                        raise
+                    named.succeed()
+
+                # the index statements on a helper thread while this one waits in the
+                # folder's fsync; the commit waits for that fsync (named.wait), so the order
+                # in which things reach the disk is unchanged: file, name, folder, index
+                # (F21). Committed together with other associations' instances when they
+                # arrive at once; returns only after the commit that holds this instance's
+                # rows.
+                (outcome, streamed), _ = self._beside(
+                    lambda: self._commits.run(
+                        lambda conn: self._index(
+                            conn, info, request, header, obj.key, size, sha256, now
+                        ),
+                        ready=named.wait,
                     ),
-                    ready=named.wait,
-                ),
-                sync_name,
-            )
+                    sync_name,
+                )
         except CommitOutcomeUnknown:
             # the rows may be in the index and would name this file: it stays, and the
             # start-up sweep removes it if they are not (the sender was not answered Success)

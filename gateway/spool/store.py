@@ -228,12 +228,27 @@ class Spool:
 
     def sync_file(self, temp: Path) -> None:
         """The first step of :meth:`commit`: fsync the received file ``temp``."""
+        with self.file_sync(temp) as fsync:
+            fsync()
+
+    @contextlib.contextmanager
+    def file_sync(self, temp: Path) -> Iterator[Callable[[], None]]:
+        """:meth:`sync_file` prepared: the spool's health checked and ``temp`` opened on
+        entry, the call given fsyncs it, the file closed on exit.
+
+        For a caller that hands CPU work to another thread and then waits in the fsync
+        itself: every system call lets the interpreter lock go, and the other thread, woken
+        by the hand-over, takes it at the first one (the open). This thread then gets it
+        back only when that thread lets it go (its work done, or the interpreter's switch
+        interval, 5 ms), and starts the fsync only then. Prepared, nothing but the fsync
+        lies between the hand-over and the wait for the disk."""
         self.ensure_healthy()
         with self._writing():
             fd = os.open(temp, os.O_RDONLY)
-            try:
-                self._fsync(fd, "fsync of a received file")
-            finally:
+        try:
+            yield lambda: self._fsync(fd, "fsync of a received file")
+        finally:
+            with self._writing():
                 os.close(fd)
 
     def name(self, temp: Path, *, size: int, sha256: str) -> SpooledObject:
@@ -257,13 +272,39 @@ class Spool:
         called first, before the spool's health change is reported: that report's audit
         writes to the index, so a caller whose index transaction waits for this fsync on
         another thread must hear of the failure before it."""
-        with self._writing():
+        with self.name_sync(obj, failed=failed) as fsync:
+            fsync()
+
+    @contextlib.contextmanager
+    def name_sync(
+        self, obj: SpooledObject, *, failed: Callable[[SpoolError], None] | None = None
+    ) -> Iterator[Callable[[], None]]:
+        """:meth:`sync_name` prepared, as :meth:`file_sync` prepares :meth:`sync_file`: the
+        folder opened on entry (a failed open is a failed fsync of it), the call given
+        fsyncs it, the folder closed on exit."""
+        folder = obj.path.parent
+
+        def lost(exc: OSError) -> SpoolError:
+            with contextlib.suppress(OSError):
+                obj.path.unlink()
+            return self._failed("fsync of a spool folder", exc, failed)
+
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise lost(exc) from exc
+
+        def fsync() -> None:
             try:
-                self._fsync_dir(obj.path.parent, failed)
-            except SpoolError:
-                with contextlib.suppress(OSError):
-                    obj.path.unlink()
-                raise
+                os.fsync(fd)
+            except OSError as exc:
+                raise lost(exc) from exc
+
+        try:
+            yield fsync
+        finally:
+            with self._writing():
+                os.close(fd)
 
     def write_file(self, target: Path, data: bytes, *, durable: bool = True) -> None:
         """Write ``data`` to ``target`` (inside the spool) encrypted and atomically; with

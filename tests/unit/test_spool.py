@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,71 @@ def test_check_space(tmp_path: Path) -> None:
     Spool(tmp_path, min_free_bytes=0).check_space()
     with pytest.raises(SpoolFullError):
         Spool(tmp_path, min_free_bytes=1 << 62).check_space()
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The spool's opens, fsyncs and closes, in order."""
+    calls: list[str] = []
+    for name in ("open", "fsync", "close"):
+        original = getattr(os, name)
+
+        def record(*args: object, _name: str = name, _original: object = original) -> object:
+            calls.append(_name)
+            return _original(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(os, name, record)
+    return calls
+
+
+def test_prepared_syncs_make_only_the_fsync_when_called(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call a prepared sync gives makes one system call, the fsync: a caller that hands
+    work to another thread just before it waits for the disk at once (any other system
+    call would let that thread take the interpreter lock first)."""
+    spool = Spool(tmp_path)
+    temp = _incoming(spool, b"DICM" * 10)
+    calls = _recording(monkeypatch)
+    with spool.file_sync(temp) as fsync:
+        assert calls == ["open"]
+        fsync()
+        assert calls == ["open", "fsync"]
+    assert calls == ["open", "fsync", "close"]
+    obj = spool.name(temp, size=40, sha256="")
+    calls.clear()
+    with spool.name_sync(obj) as fsync:
+        assert calls == ["open"]
+        fsync()
+        assert calls == ["open", "fsync"]
+    assert calls == ["open", "fsync", "close"]
+    assert spool.healthy and obj.path.read_bytes() == b"DICM" * 10
+
+
+def test_a_failed_folder_fsync_removes_the_file_and_tells_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heard: list[str] = []
+    spool = Spool(tmp_path)
+    spool.on_health = lambda healthy, reason: heard.append(f"health {healthy}")
+    obj = spool.name(_incoming(spool, b"x"), size=1, sha256="")
+
+    def eio(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    with spool.name_sync(obj, failed=lambda error: heard.append("failed")) as fsync:
+        monkeypatch.setattr(os, "fsync", eio)
+        with pytest.raises(SpoolError, match="fsync of a spool folder failed: EIO"):
+            fsync()
+    assert heard == ["failed", "health False"]  # the caller first (its transaction waits)
+    assert not obj.path.exists() and not spool.healthy
+
+
+def test_a_folder_that_does_not_open_is_a_failed_folder_fsync(tmp_path: Path) -> None:
+    heard: list[str] = []
+    spool = Spool(tmp_path)
+    obj = spool.name(_incoming(spool, b"x"), size=1, sha256="")
+    gone = replace(obj, path=tmp_path / "no-such-folder" / obj.path.name)
+    with pytest.raises(SpoolError, match="fsync of a spool folder failed: ENOENT"):
+        with spool.name_sync(gone, failed=lambda error: heard.append("failed")):
+            pass  # pragma: no cover - entering raised
+    assert heard == ["failed"] and not spool.healthy
