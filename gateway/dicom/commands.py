@@ -150,7 +150,8 @@ def send_file_store(dimse: Any, primitive: Any, context_id: int) -> bool:
     if command is None:
         return False
     path, offset = location
-    send = dimse.dul.send_pdu
+    # from this thread when that keeps the order (WakingDUL.send_pdata), else queued
+    send = getattr(dimse.dul, "send_pdata", dimse.dul.send_pdu)
     with open_plain(Path(path)) as f:
         end = f.seek(0, 2)
         length = end - f.seek(offset)

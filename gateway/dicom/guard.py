@@ -44,15 +44,17 @@ from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.fsm import ACTIONS, InvalidEventError, StateMachine
+from pynetdicom.fsm import ACTIONS, InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 
 from gateway.dicom import commands
 from gateway.dicom.reactor import (
+    OrderedStateMachine,
     WaitingSocket,
     WakingDUL,
     WakingQueue,
     pdv_controls,
+    send_pdata,
     with_memory,
 )
 
@@ -152,7 +154,7 @@ class GuardedSocket(WaitingSocket):
         self._violated = True
         sock = self.socket
         if sock is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), self.send_lock:
                 sock.settimeout(1.0)
                 sock.sendall(_abort_bytes())
         self._on_violation(reason)
@@ -265,7 +267,7 @@ class GuardedDIMSE(DIMSEServiceProvider):
         if pdata is None:
             super().send_msg(primitive, context_id)
             return
-        self.dul.send_pdu(pdata)
+        send_pdata(self.dul, pdata)
 
     def receive_primitive(self, primitive: Any) -> None:
         if self._draining is not None:
@@ -373,7 +375,7 @@ class GuardedDIMSE(DIMSEServiceProvider):
 _LOCAL_PRIMITIVE_EVENTS = frozenset({"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
-class GuardedStateMachine(StateMachine):
+class GuardedStateMachine(OrderedStateMachine):
     """pynetdicom's upper-layer state machine; an event the state has no transition for is
     dropped instead of raised (the state's own timers still end the association: ARTIM in
     Sta13), and an action that fails on the peer's bytes aborts through the guarded socket.
