@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
@@ -21,7 +20,7 @@ from gateway.config.model import DestinationConfig
 from gateway.dicom.scu import OutgoingFile
 from gateway.metrics import Metrics
 from gateway.transfer.destinations import DicomDestination, SendResult
-from tests.support.datasets import make_ct_study
+from tests.support.datasets import outgoing_ct_files
 from tests.support.peers import free_port
 
 
@@ -85,18 +84,7 @@ def scp() -> Iterator[_SCP]:
 
 
 def _files(folder: Path, n: int, seed: int, **elements: Any) -> list[OutgoingFile]:
-    out = []
-    for p in make_ct_study(folder, n, seed=seed, **elements):
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        out.append(
-            OutgoingFile(
-                str(ds.SOPClassUID),
-                str(ds.SOPInstanceUID),
-                str(ds.file_meta.TransferSyntaxUID),
-                p,
-            )
-        )
-    return out
+    return outgoing_ct_files(folder, n, seed, **elements)
 
 
 def _destination(scp: _SCP, metrics: Metrics, **kw: Any) -> DicomDestination:

@@ -26,7 +26,7 @@ from gateway.config.model import DestinationConfig, DestinationTLSConfig
 from gateway.crypto.tls import ca_init, ca_issue
 from gateway.dicom.reactor import BoundedRequestor, WaitingSocket, WakingDUL
 from gateway.dicom.scu import OutgoingFile, StoreSCU
-from tests.support.datasets import make_ct_study
+from tests.support.datasets import outgoing_ct_files
 from tests.support.peers import StoreSCP
 
 P_DATA_TF = 0x04
@@ -73,18 +73,7 @@ def duls(monkeypatch: pytest.MonkeyPatch) -> list[WakingDUL]:
 
 
 def _files(tmp_path: Path, n: int) -> list[OutgoingFile]:
-    out = []
-    for path in make_ct_study(tmp_path / "study", n, seed=29, rows=256, cols=256):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        out.append(
-            OutgoingFile(
-                str(ds.SOPClassUID),
-                str(ds.SOPInstanceUID),
-                str(ds.file_meta.TransferSyntaxUID),
-                path,
-            )
-        )
-    return out
+    return outgoing_ct_files(tmp_path / "study", n, 29, rows=256, cols=256)
 
 
 def _received(folder: Path) -> dict[str, bytes]:

@@ -23,12 +23,15 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from gateway.dicom.scu import OutgoingFile
+
 __all__ = [
     "DEFAULT_PATIENT_ID",
     "DEFAULT_PATIENT_NAME",
     "build_instance",
     "make_ct_study",
     "make_instance",
+    "outgoing_ct_files",
     "pixel_bytes",
     "sha256_pixel",
     "sop_instance_uids",
@@ -233,3 +236,19 @@ def sha256_pixel(path: Path | bytes | Dataset) -> str:
 def sop_instance_uids(paths: Sequence[Path]) -> list[str]:
     """Sorted SOPInstanceUIDs of the given files."""
     return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths)
+
+
+def outgoing_ct_files(folder: Path, n: int, seed: int, **elements: Any) -> list[OutgoingFile]:
+    """A CT study made by :func:`make_ct_study` in ``folder``, as the StoreSCU sends files."""
+    out = []
+    for p in make_ct_study(folder, n, seed=seed, **elements):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        out.append(
+            OutgoingFile(
+                str(ds.SOPClassUID),
+                str(ds.SOPInstanceUID),
+                str(ds.file_meta.TransferSyntaxUID),
+                p,
+            )
+        )
+    return out
