@@ -54,7 +54,6 @@ from gateway.dicom.reactor import (
     WakingDUL,
     WakingQueue,
     pdv_controls,
-    send_pdata,
     with_memory,
 )
 
@@ -267,7 +266,8 @@ class GuardedDIMSE(DIMSEServiceProvider):
         if pdata is None:
             super().send_msg(primitive, context_id)
             return
-        send_pdata(self.dul, pdata)
+        # from this thread when that keeps the order (WakingDUL.send_pdata), else queued
+        getattr(self.dul, "send_pdata", self.dul.send_pdu)(pdata)
 
     def receive_primitive(self, primitive: Any) -> None:
         if self._draining is not None:

@@ -334,15 +334,6 @@ class WaitingSocket(AssociationSocket):
         return data
 
 
-def send_pdata(dul: DULServiceProvider, primitive: P_DATA) -> None:
-    """:meth:`WakingDUL.send_pdata` for a :class:`WakingDUL`, pynetdicom's ``send_pdu``
-    for any other."""
-    if isinstance(dul, WakingDUL):
-        dul.send_pdata(primitive)
-    else:
-        dul.send_pdu(primitive)
-
-
 class OrderedStateMachine(StateMachine):
     """pynetdicom's upper-layer state machine, each action taken under its DUL's ``order``
     lock (:meth:`WakingDUL.send_pdata`)."""
