@@ -83,10 +83,6 @@ def scp() -> Iterator[_SCP]:
         _config.STORE_SEND_CHUNKED_DATASET = chunked
 
 
-def _files(folder: Path, n: int, seed: int, **elements: Any) -> list[OutgoingFile]:
-    return outgoing_ct_files(folder, n, seed, **elements)
-
-
 def _destination(scp: _SCP, metrics: Metrics, **kw: Any) -> DicomDestination:
     cfg = DestinationConfig(name="d", ae_title="DEST", port=scp.port, connect_timeout=5, **kw)
     return DicomDestination(cfg, calling_ae_title="GW", metrics=metrics)
@@ -118,14 +114,14 @@ def test_one_association_carries_consecutive_deliveries(tmp_path: Path, scp: _SC
     dest = _destination(scp, metrics, keep_open_seconds=1.0)
     try:
         for k in range(4):
-            _deliver(dest, _files(tmp_path / f"s{k}", 3, seed=k))
+            _deliver(dest, outgoing_ct_files(tmp_path / f"s{k}", 3, seed=k))
         assert scp.accepted == 1
         assert (_count(metrics, "opened"), _count(metrics, "reused")) == (1, 3)
         assert len(scp.stored) == 12
         # idle past keep_open_seconds: released, not left to time out
         _wait("the idle association released", lambda: scp.released == 1, timeout=5)
         assert dest.scu.idle_count == 0
-        _deliver(dest, _files(tmp_path / "late", 2, seed=9))
+        _deliver(dest, outgoing_ct_files(tmp_path / "late", 2, seed=9))
         assert scp.accepted == 2
     finally:
         dest.close()
@@ -136,7 +132,7 @@ def test_keep_open_zero_releases_after_each_delivery(tmp_path: Path, scp: _SCP) 
     metrics = Metrics()
     dest = _destination(scp, metrics, keep_open_seconds=0)
     for k in range(3):
-        _deliver(dest, _files(tmp_path / f"s{k}", 2, seed=k))
+        _deliver(dest, outgoing_ct_files(tmp_path / f"s{k}", 2, seed=k))
     assert scp.accepted == 3
     assert _count(metrics, "reused") == 0
     _wait("every association released", lambda: scp.released == 3)
@@ -147,11 +143,11 @@ def test_an_association_dropped_while_idle_is_replaced(tmp_path: Path, scp: _SCP
     metrics = Metrics()
     dest = _destination(scp, metrics, keep_open_seconds=30)
     try:
-        _deliver(dest, _files(tmp_path / "a", 2, seed=1))
+        _deliver(dest, outgoing_ct_files(tmp_path / "a", 2, seed=1))
         assert dest.scu.idle_count == 1
         scp.assocs[0].abort()  # the destination drops the idle association
         _wait("the abort seen", lambda: not dest.scu._idle[0].alive())
-        _deliver(dest, _files(tmp_path / "b", 2, seed=2))
+        _deliver(dest, outgoing_ct_files(tmp_path / "b", 2, seed=2))
         assert scp.accepted == 2 and len(scp.stored) == 4
         assert (_count(metrics, "opened"), _count(metrics, "reused")) == (2, 0)
     finally:
@@ -164,7 +160,7 @@ def test_a_stale_association_that_fails_first_is_replaced(tmp_path: Path, scp: _
     metrics = Metrics()
     dest = _destination(scp, metrics, keep_open_seconds=30)
     try:
-        _deliver(dest, _files(tmp_path / "a", 2, seed=1))
+        _deliver(dest, outgoing_ct_files(tmp_path / "a", 2, seed=1))
         link = dest.scu._idle[0]
         real = link.assoc.send_c_store
 
@@ -173,7 +169,7 @@ def test_a_stale_association_that_fails_first_is_replaced(tmp_path: Path, scp: _
             return None
 
         link.assoc.send_c_store = lost
-        files = _files(tmp_path / "b", 3, seed=2)
+        files = outgoing_ct_files(tmp_path / "b", 3, seed=2)
         _deliver(dest, files)
         link.assoc.send_c_store = real
         assert scp.accepted == 2
@@ -189,8 +185,10 @@ def test_idle_and_busy_associations_stay_within_max_associations(tmp_path: Path,
     metrics = Metrics()
     dest = _destination(scp, metrics, keep_open_seconds=30, max_associations=1)
     try:
-        _deliver(dest, _files(tmp_path / "ct", 2, seed=1))
-        mr = _files(tmp_path / "mr", 2, seed=2, sop_class_uid=MRImageStorage, modality="MR")
+        _deliver(dest, outgoing_ct_files(tmp_path / "ct", 2, seed=1))
+        mr = outgoing_ct_files(
+            tmp_path / "mr", 2, seed=2, sop_class_uid=MRImageStorage, modality="MR"
+        )
         _deliver(dest, mr)
         assert scp.accepted == 2
         _wait("the first association gone", lambda: scp.open == 1)
@@ -202,7 +200,7 @@ def test_idle_and_busy_associations_stay_within_max_associations(tmp_path: Path,
 def test_concurrent_deliveries_each_get_an_association(tmp_path: Path, scp: _SCP) -> None:
     metrics = Metrics()
     dest = _destination(scp, metrics, keep_open_seconds=30, max_associations=2)
-    batches = [_files(tmp_path / f"s{k}", 4, seed=k) for k in range(6)]
+    batches = [outgoing_ct_files(tmp_path / f"s{k}", 4, seed=k) for k in range(6)]
     errors: list[BaseException] = []
 
     def run(mine: list[list[OutgoingFile]]) -> None:
