@@ -17,7 +17,9 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from gateway.crypto.envelope import PositionedReader
 from gateway.dicom import status as st
@@ -26,10 +28,18 @@ from gateway.received import DECODE_ERRORS
 
 _DEFER = 8192
 _UNPARSEABLE: tuple[type[Exception], ...] = (InvalidDicomError, *DECODE_ERRORS)
+_PREAMBLE = 128
+_MAGIC = b"DICM"
+_GROUP_LENGTH = 0x00020000
+_GROUP_LENGTH_BYTES = 12  # (0002,0000) UL, Explicit VR Little Endian: tag, VR, length, value
 
 
 def read_header(
-    path: Path, *, max_depth: int, opener: Callable[[Path], BinaryIO] | None = None
+    path: Path,
+    *,
+    max_depth: int,
+    opener: Callable[[Path], BinaryIO] | None = None,
+    transfer_syntax: str | None = None,
 ) -> Dataset:
     """Parse ``path`` (a DICOM file) keeping large values on disk; check it is whole.
 
@@ -38,17 +48,25 @@ def read_header(
     against the plaintext's length. Values over 8 KiB (Pixel Data among them) are deferred
     and never read: the reader is closed on return, so a later read of one fails with
     ValueError instead of bringing it into memory.
+
+    ``transfer_syntax`` is for a file whose File Meta the node wrote itself (a received
+    data set: the presentation context's transfer syntax, which its File Meta states): the
+    data set is then read from the end of that group (its group length, read by pydicom)
+    without pydicom's reading and checking of the rest of it, which took ~40 % of a small
+    instance's parse. The data set is a plain ``Dataset`` then (no ``file_meta``). A file
+    that does not begin as such a file (no preamble, no group length), or a deflated
+    transfer syntax, is read by ``dcmread`` as any other.
     """
     try:
         if opener is None:
             size = path.stat().st_size
-            ds = dcmread(path, defer_size=_DEFER)
+            ds: Dataset = dcmread(path, defer_size=_DEFER)
             _check(ds, size, max_depth)
         else:
             with opener(path) as fp:
                 size = fp.seek(0, io.SEEK_END)
                 fp.seek(0)
-                ds = dcmread(fp, defer_size=_DEFER)
+                ds = _read(fp, transfer_syntax)
                 _check(ds, size, max_depth)
     except RecursionError as exc:
         raise IngestError(st.CANNOT_UNDERSTAND, "sequence-nesting-too-deep") from exc
@@ -57,6 +75,40 @@ def read_header(
     except _UNPARSEABLE as exc:
         raise IngestError(st.CANNOT_UNDERSTAND, "dataset-unparseable") from exc
     return ds
+
+
+def _read(fp: BinaryIO, transfer_syntax: str | None) -> Dataset:
+    """The data set of ``fp`` (at its start): after the File Meta the node wrote, in
+    ``transfer_syntax``, where :func:`_data_set_start` finds it; else ``dcmread``'s."""
+    syntax = UID(transfer_syntax) if transfer_syntax else None
+    if (
+        syntax is not None
+        and syntax.is_transfer_syntax
+        and syntax != DeflatedExplicitVRLittleEndian
+    ):
+        start = _data_set_start(fp)
+        if start is not None:
+            fp.seek(start)
+            return read_dataset(
+                fp, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=_DEFER
+            )
+        fp.seek(0)
+    return dcmread(fp, defer_size=_DEFER)
+
+
+def _data_set_start(fp: BinaryIO) -> int | None:
+    """Where the data set begins: after the preamble, ``DICM`` and the File Meta group,
+    whose length pydicom reads from its group length element; None when ``fp`` does not
+    begin so."""
+    if fp.read(_PREAMBLE + len(_MAGIC))[_PREAMBLE:] != _MAGIC:
+        return None
+    meta = read_dataset(fp, False, True, bytelength=_GROUP_LENGTH_BYTES)
+    if _GROUP_LENGTH not in meta:
+        return None
+    length = meta[_GROUP_LENGTH].value
+    if not isinstance(length, int):
+        return None
+    return _PREAMBLE + len(_MAGIC) + _GROUP_LENGTH_BYTES + length
 
 
 class PrefixedReader(PositionedReader):

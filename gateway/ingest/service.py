@@ -446,6 +446,10 @@ class IngestService:
             request.dataset_path,
             max_depth=self.cfg.dicom.max_sequence_depth,
             opener=self._opener(request),
+            # a receive buffer's File Meta is the node's own, in the context's syntax
+            transfer_syntax=(
+                request.transfer_syntax_uid if request.received_digest is not None else None
+            ),
         )
         if _text(ds, "SOPInstanceUID", 65) != request.sop_instance_uid:
             raise IngestError(st.DATASET_MISMATCH, "sop-instance-uid-differs-from-command")

@@ -13,13 +13,16 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
 )
 
+from gateway.dicom import file_meta
 from gateway.dicom.status import CANNOT_UNDERSTAND
 from gateway.errors import IngestError
+from gateway.ingest import parse
 from gateway.ingest.parse import PrefixedReader, read_header
 
 CONTENT_SEQUENCE = 0x0040A730
@@ -117,11 +120,27 @@ def _depth_of(ds: Dataset) -> int:
     return depth
 
 
-def _refused(path: Path, max_depth: int = 64) -> IngestError:
+def _read(path: Path, received: str | None = None, max_depth: int = 64) -> Dataset:
+    """``read_header`` of ``path`` as a file, or, with ``received`` (its transfer syntax), as
+    ingest reads a receive buffer: from the data set's start after its File Meta."""
+    if received is None:
+        return read_header(path, max_depth=max_depth)
+    return read_header(
+        path,
+        max_depth=max_depth,
+        opener=lambda p: BytesIO(p.read_bytes()),
+        transfer_syntax=received,
+    )
+
+
+def _refused(path: Path, max_depth: int = 64, received: str | None = None) -> IngestError:
     with pytest.raises(IngestError) as info:
-        read_header(path, max_depth=max_depth)
+        _read(path, received, max_depth)
     assert info.value.status == CANNOT_UNDERSTAND
     return info.value
+
+
+RECEIVED = [pytest.param(False, id="file"), pytest.param(True, id="received")]
 
 
 SYNTAXES = [
@@ -157,20 +176,22 @@ def test_good_file_without_pixels_parses(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
 @pytest.mark.parametrize("rows", [128, 32], ids=["deferred", "small"])
 @pytest.mark.parametrize("cut", [1, 1000])
+@pytest.mark.parametrize("received", RECEIVED)
 def test_truncated_pixel_data_is_refused(
-    tmp_path: Path, syntax: str, explicit: bool, rows: int, cut: int
+    tmp_path: Path, syntax: str, explicit: bool, rows: int, cut: int, received: bool
 ) -> None:
     path = _save(_base(syntax, rows=rows, with_pixels=True), tmp_path / "trunc.dcm")
     data = path.read_bytes()
     path.write_bytes(data[:-cut])
-    err = _refused(path)
+    err = _refused(path, received=syntax if received else None)
     assert "truncated" in err.reason or "unparseable" in err.reason
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on cut-off values
 @pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+@pytest.mark.parametrize("received", RECEIVED)
 def test_any_cut_is_refused_with_0xC000_or_parses(
-    tmp_path: Path, syntax: str, explicit: bool
+    tmp_path: Path, syntax: str, explicit: bool, received: bool
 ) -> None:
     """Cutting a file anywhere never leaks another exception; a cut inside a value refuses.
 
@@ -184,7 +205,7 @@ def test_any_cut_is_refused_with_0xC000_or_parses(
     for end in range(132, len(data), 13):
         path.write_bytes(data[:end])
         try:
-            read_header(path, max_depth=64)
+            _read(path, syntax if received else None)
         except IngestError as exc:
             assert exc.status == CANNOT_UNDERSTAND
             refused += 1
@@ -198,10 +219,72 @@ def test_any_cut_is_refused_with_0xC000_or_parses(
     [b"", b"not dicom at all", b"\0" * 128 + b"DICM\x02\x00\x00\x00UL\x04\x00\x10"],
     ids=["empty", "text", "cut-meta"],
 )
-def test_garbage_is_refused(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize("received", RECEIVED)
+def test_garbage_is_refused(tmp_path: Path, content: bytes, received: bool) -> None:
     path = tmp_path / "junk.dcm"
     path.write_bytes(content)
-    _refused(path)
+    _refused(path, received=ExplicitVRLittleEndian if received else None)
+
+
+# --- a receive buffer: the data set read after the node's own File Meta -------------------
+
+
+def _received(ds: Dataset, syntax: str) -> bytes:
+    """A receive buffer's bytes: preamble, ``DICM``, the File Meta the node writes for it
+    (gateway.dicom.file_meta) and the data set as the sender encoded it."""
+    body = Dataset()
+    body.update(ds)  # its elements, not its file_meta
+    buf = BytesIO()
+    body.save_as(buf, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+    meta = file_meta.encoded(ds.SOPClassUID, ds.SOPInstanceUID, syntax)
+    return b"\0" * 128 + b"DICM" + meta + buf.getvalue()
+
+
+@pytest.mark.parametrize(("syntax", "explicit"), SYNTAXES)
+def test_received_data_set_is_read_after_the_file_meta_as_dcmread_reads_it(
+    tmp_path: Path, syntax: str, explicit: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _base(syntax, rows=128, with_pixels=True)
+    src.ImageComments = "x" * 6000  # past a prefix of 2 KiB
+    path = tmp_path / "rx.dcm"
+    path.write_bytes(_received(src, syntax))
+    plain = read_header(path, max_depth=64)  # dcmread's
+    with monkeypatch.context() as m:
+        m.setattr(parse, "dcmread", None)  # not called: the File Meta is not read again
+        got = _read(path, syntax)
+        opened: list[int] = []
+        prefixed = read_header(
+            path,
+            max_depth=64,
+            opener=lambda _p: _prefixed(path, 2048, opened),
+            transfer_syntax=syntax,
+        )
+    assert not hasattr(got, "file_meta")
+    for ds in (got, prefixed):
+        assert list(ds.keys()) == list(plain.keys())
+        for tag in plain.keys():
+            if tag != 0x7FE00010:  # deferred, not readable after the parse
+                assert ds[tag].value == plain[tag].value
+    assert opened == [1]
+
+
+def test_received_deflated_data_set_is_read_by_dcmread(tmp_path: Path) -> None:
+    """Deflated Explicit VR Little Endian is inflated by dcmread, not read after the meta."""
+    src = _base(DeflatedExplicitVRLittleEndian)
+    path = _save(src, tmp_path / "deflated.dcm")
+    got = _read(path, DeflatedExplicitVRLittleEndian)
+    assert got.StudyInstanceUID == src.StudyInstanceUID and got.PatientID == "P1"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\0" * 132 + b"\x02\x00\x00\x00UL\x04\x00", b"\0" * 128 + b"DICX" + b"\0" * 40],
+    ids=["cut-group-length", "no-magic"],
+)
+def test_received_buffer_not_beginning_as_a_file_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "junk.dcm"
+    path.write_bytes(content)
+    _refused(path, received=ExplicitVRLittleEndian)
 
 
 def test_missing_file_raises(tmp_path: Path) -> None:
