@@ -30,6 +30,7 @@ the receiver processes of :mod:`gateway.receiver_process` are the other kind.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import hashlib
 import logging
 import os
@@ -59,6 +60,9 @@ METRICS_FILE = "worker-metrics.prom"
 METRICS_INTERVAL = 1.0
 READY_TIMEOUT = 60.0
 RESTART_DELAY = 1.0
+STOP_STACKS_AFTER = 13.0
+"""Seconds after a child's SIGTERM at which a stop still running writes every thread's
+stack to stderr (its grace period is 10 s; ``serve`` kills it 5 s after its own)."""
 
 
 class ChildStartError(RuntimeError):
@@ -380,7 +384,11 @@ def run_child(
     os.close(ready_fd)
     while not stopping.wait(METRICS_INTERVAL):
         write_metrics(node, metrics_path)
+    # a stop that overruns its grace period (serve kills the child at grace + 5 s) says
+    # where each thread is, on stderr (serve's log), before it is killed
+    faulthandler.dump_traceback_later(STOP_STACKS_AFTER, exit=False)
     stop()
+    faulthandler.cancel_dump_traceback_later()
     write_metrics(node, metrics_path)
     return 0
 

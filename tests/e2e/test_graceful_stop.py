@@ -153,7 +153,7 @@ def test_sigterm_during_ten_concurrent_stores(tmp_path: Path, receivers: int) ->
         assert s.outcome in ("aborted", "closed"), s.outcome
     for s in senders:
         assert s.ended_at - term < GRACE + 3, "an association outlived the grace period"
-    assert stopped < GRACE + 5
+    assert stopped < GRACE + 5, node.log(400)  # a child past its grace wrote its stacks
 
     # acknowledged means durable: after a restart every acknowledged instance is there
     node.start()
