@@ -347,6 +347,24 @@ def test_split_and_alternating() -> None:
     }
 
 
+def test_wait_storescu_waits_blocking_and_kills_at_its_timeout() -> None:
+    """The senders' exit codes (a blocking wait, not Popen's 50 ms polling); past the
+    timeout every sender is killed and TimeoutExpired raised."""
+    from bench.systems import wait_storescu
+
+    done = [subprocess.Popen(["sh", "-c", f"exit {code}"]) for code in (0, 3)]
+    assert wait_storescu(done, 30) == [0, 3]
+    stuck = [subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sh", "-c", "exit 0"])]
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            wait_storescu(stuck, 0.3)
+        assert stuck[0].wait(5) == -signal.SIGKILL
+    finally:
+        for p in stuck:
+            p.kill()
+            p.wait()
+
+
 def test_tree_monitor_counts_children() -> None:
     from bench.procstat import TreeMonitor
 
