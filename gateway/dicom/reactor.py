@@ -212,6 +212,21 @@ def pdv_controls_of(body: bytes | bytearray) -> list[tuple[int, int]]:
     return pdv_controls(len(body), read_header, skip)
 
 
+def _pdata_over(body: bytearray) -> P_DATA_TF:
+    """A received P-DATA-TF decoded as pynetdicom decodes it (its own item decoder, the
+    body's items in order), over ``body`` itself: each item's data a view into it.
+
+    pynetdicom's ``_decode_pdu`` copies a PDU four times before its data reaches the DIMSE
+    provider (the PDU's bytes, the body's slice, each item's slice, then the data after the
+    control header), and a CT instance's 513 KB went through each: here the one buffer the
+    socket filled is all there is, until the receive file's write (the DIMSE provider's
+    ``data[1:]`` is a view too)."""
+    pdu = P_DATA_TF()
+    # pynetdicom's annotations say bytes; its decoder only slices and unpacks
+    pdu.presentation_data_value_items = pdu._wrap_generate_items(cast(bytes, memoryview(body)))
+    return pdu
+
+
 def drained_pdata(controls: list[tuple[int, int]]) -> P_DATA_TF:
     """A P-DATA-TF made of a draining C-STORE's PDU: each item with its control header as
     its only byte of data, which is all the draining ``GuardedDIMSE`` looks at."""
@@ -501,7 +516,11 @@ class WakingDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         try:
-            pdu, event = with_memory(lambda: self._decode_pdu(header + body))
+            pdu: Any
+            if pdu_type == 0x04 and not self._pdu_listened():
+                pdu, event = with_memory(lambda: _pdata_over(body)), "Evt10"
+            else:
+                pdu, event = with_memory(lambda: self._decode_pdu(header + body))
         except MemoryError:
             if pdu_type == 0x04 and self._drain_for_memory():
                 self._put_drained(sock, lambda: pdv_controls_of(body))
@@ -514,6 +533,13 @@ class WakingDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _pdu_listened(self) -> bool:
+        """Whether a handler is bound to the events pynetdicom's ``_decode_pdu`` triggers
+        with a received PDU (its bytes, its object): then it decodes every PDU."""
+        return bool(
+            self.assoc.get_handlers(evt.EVT_DATA_RECV) or self.assoc.get_handlers(evt.EVT_PDU_RECV)
+        )
 
     def _drain_for_memory(self) -> bool:
         """Whether the association's DIMSE provider drains the C-STORE whose data set the

@@ -47,6 +47,7 @@ if MODE:
     state = {"large": 0, "fail_decode": False}
     read_exact = guard.GuardedSocket._read_exact
     decode_pdu = reactor.WakingDUL._decode_pdu
+    pdata_over = reactor._pdata_over  # a P-DATA-TF's decoding (over its buffer)
     with_memory = reactor.with_memory
 
     def _read_exact(self, nr_bytes):
@@ -63,6 +64,11 @@ if MODE:
             raise MemoryError
         return decode_pdu(self, bytestream)
 
+    def _pdata_over(body):
+        if state["fail_decode"]:
+            raise MemoryError
+        return pdata_over(body)
+
     def _with_memory(make, *, until=None):
         try:
             return with_memory(make, until=until)
@@ -72,6 +78,7 @@ if MODE:
 
     guard.GuardedSocket._read_exact = _read_exact
     reactor.WakingDUL._decode_pdu = _decode_pdu
+    reactor._pdata_over = _pdata_over
     reactor.with_memory = _with_memory
     reactor.MEMORY_WAIT = 0.2
 
