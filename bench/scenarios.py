@@ -1216,28 +1216,37 @@ def run_pixels(settings: Settings) -> dict[str, Any]:
 
 def run_scale(settings: Settings) -> dict[str, Any]:
     """The node's ingest of the CT set at 1x, 4x and 16x (of ``--scale``): throughput, peak
-    RSS and the seconds per instance against the 1x run (linear: within 10 %)."""
-    rows: list[dict[str, Any]] = []
-    for factor in settings.scale_factors:
-        ds = data.ensure("ct", settings.scale * factor, settings.work / "data")
-        runs: list[dict[str, float]] = []
-        error: str | None = None
-        for rep in range(settings.repeat):
-            try:
-                result = _ingest_once(settings, "node", ds, 1, f"scale-{factor}-{rep}")
-            except MEASUREMENT_ERRORS as exc:
-                error = brief(exc)
-                settings.failures.append(f"scale {factor}x node: {error}")
-                settings.log(f"scale {factor:3d}x node FAILED: {exc}")
-                break
-            result["ms_per_instance"] = 1000 * result["seconds"] / ds.instances
-            settings.log(
-                f"scale {factor:3d}x ({ds.instances} CT) rep {rep + 1}: "
-                f"{result['instances_per_s']:7.1f} inst/s {result['peak_rss_mib']:6.1f} MiB "
-                f"{result['ms_per_instance']:6.2f} ms/inst"
-            )
-            runs.append(result)
-        rows.append({"factor": factor, "instances": ds.instances, **_outcome(runs, error)})
+    RSS and the seconds per instance against the 1x run (linear: within 10 %). The factors
+    alternate between repetitions as the systems of the other scenarios do (1x 4x 16x, then
+    16x 4x 1x ...): run one factor after the other, a machine that slowed down over the
+    minutes (seen here: 1x at 182, 158, 154 inst/s in a row) read as cost growing with the
+    work."""
+    sets = {
+        f"{factor}x": (factor, data.ensure("ct", settings.scale * factor, settings.work / "data"))
+        for factor in settings.scale_factors
+    }
+
+    def once(label: str, rep: int) -> dict[str, float]:
+        factor, ds = sets[label]
+        result = _ingest_once(settings, "node", ds, 1, f"scale-{factor}-{rep}")
+        result["ms_per_instance"] = 1000 * result["seconds"] / ds.instances
+        return result
+
+    def describe(result: dict[str, float]) -> str:
+        return (
+            f"{result['instances_per_s']:7.1f} inst/s {result['peak_rss_mib']:6.1f} MiB "
+            f"{result['ms_per_instance']:6.2f} ms/inst"
+        )
+
+    runs, errors = measure_alternating(settings, list(sets), "scale", once, describe)
+    rows: list[dict[str, Any]] = [
+        {
+            "factor": factor,
+            "instances": ds.instances,
+            **_outcome(runs[label], errors.get(label)),
+        }
+        for label, (factor, ds) in sets.items()
+    ]
     base = next((r for r in rows if "summary" in r), None)
     growth = []
     for row in rows:
