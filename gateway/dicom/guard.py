@@ -42,8 +42,8 @@ from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_FIND_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.fsm import ACTIONS, InvalidEventError
 from pynetdicom.pdu import A_ABORT_RQ
 
@@ -68,6 +68,7 @@ MAX_IN_MEMORY_DATASET = 4 << 20
 # the data of a draining C-STORE's PDUs is read into this and dropped; made at import (F18)
 # and never looked at, so the associations that read into it at once need no lock
 _SKIPPED = bytearray(65536)
+_PENDING = frozenset({0xFF00, 0xFF01})  # C-FIND pending statuses (PS3.4 C.4.1.1.4)
 
 
 def _abort_bytes() -> bytes:
@@ -264,10 +265,29 @@ class GuardedDIMSE(DIMSEServiceProvider):
             encoded = commands.store_response(primitive)
         pdata = commands.command_pdu(encoded, context_id, self.maximum_pdu_size)
         if pdata is None:
+            if isinstance(primitive, C_FIND) and primitive.Status in _PENDING:
+                self._send_paced(primitive, context_id)
+                return
             super().send_msg(primitive, context_id)
             return
         # from this thread when that keeps the order (WakingDUL.send_pdata), else queued
         getattr(self.dul, "send_pdata", self.dul.send_pdu)(pdata)
+
+    def _send_paced(self, primitive: Any, context_id: int) -> None:
+        """A C-FIND pending response as pynetdicom's ``send_msg`` sends it (the same message,
+        event and fragments), each fragment written by this thread when that keeps the order
+        (``WakingDUL.send_pdata``): the find's handler then makes its next response only
+        once this one is on its way. Queued for the DUL thread, responses were made faster
+        than that thread (which needs the interpreter lock from this one) sent them, most of
+        them before the SCU had its first, and a C-CANCEL stops only the responses not yet
+        made (14 to 90 of 100 went out after it)."""
+        dimse_msg = C_FIND_RSP()
+        dimse_msg.primitive_to_message(primitive)
+        dimse_msg.context_id = context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": dimse_msg})
+        send = getattr(self.dul, "send_pdata", self.dul.send_pdu)
+        for pdata in dimse_msg.encode_msg(context_id, self.maximum_pdu_size):
+            send(pdata)
 
     def receive_primitive(self, primitive: Any) -> None:
         if self._draining is not None:
