@@ -459,6 +459,38 @@ def _recv_before(request: Any, into: memoryview, deadline: float) -> int:
     return n
 
 
+PEER_PDU_WAIT = 0.005
+"""The longest a C-FIND's next pending response waits for its association's DUL thread to
+take a PDU the peer has sent (a C-CANCEL, most likely) (s)."""
+
+PEER_PDU_STEP = 0.0005
+"""The steps of that wait: each one lets the DUL thread have the interpreter lock (s)."""
+
+
+def _let_the_dul_read(assoc: Any, message_id: int) -> None:
+    """Before a C-FIND's next pending response: when the peer has sent a PDU that the DUL
+    thread has not read yet, let that thread have the interpreter lock until it has read
+    it and had a step to act on it, or a C-CANCEL of ``message_id`` is in (looked at, not
+    taken: pynetdicom's ``is_cancelled`` takes it), at most :data:`PEER_PDU_WAIT`.
+
+    This thread, encoding responses one after the other, held the lock but for the
+    instants of its sends, too short for a waiting thread to take it: the DUL thread got it
+    only when the interpreter's switch interval (5 ms) ran out, a few times over to read,
+    decode and record a C-CANCEL, and the find sent 14 to 90 more of its 100 pending
+    responses first. Plain TCP only: a TLS socket is not looked at from a second thread."""
+    sock = getattr(assoc.dul, "socket", None)
+    if not isinstance(sock, WaitingSocket) or isinstance(sock.socket, ssl.SSLSocket):
+        return
+    if not sock.waiting():
+        return
+    deadline = time.monotonic() + PEER_PDU_WAIT
+    while message_id not in assoc.dimse.cancel_req and time.monotonic() < deadline:
+        taken = not sock.waiting()
+        time.sleep(PEER_PDU_STEP)
+        if taken:
+            return
+
+
 class DicomServer:
     """Runs the SCP; :meth:`start` returns once it listens, :meth:`stop` shuts it down."""
 
@@ -1247,37 +1279,6 @@ class _ReceiveBuffer:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._f.close()
-
-
-PEER_PDU_WAIT = 0.005
-"""The longest a C-FIND's next pending response waits for its association's DUL thread to
-take a PDU the peer has sent (a C-CANCEL, most likely) (s)."""
-
-PEER_PDU_STEP = 0.0005
-
-
-def _let_the_dul_read(assoc: Any, message_id: int) -> None:
-    """Before a C-FIND's next pending response: when the peer has sent a PDU that the DUL
-    thread has not read yet, let that thread have the interpreter lock until it has read
-    it and had a step to act on it, or a C-CANCEL of ``message_id`` is in (looked at, not
-    taken: pynetdicom's ``is_cancelled`` takes it), at most :data:`PEER_PDU_WAIT`.
-
-    This thread, encoding responses one after the other, held the lock but for the
-    instants of its sends, too short for a waiting thread to take it: the DUL thread got it
-    only when the interpreter's switch interval (5 ms) ran out, a few times over to read,
-    decode and record a C-CANCEL, and the find sent 14 to 90 more of its 100 pending
-    responses first. Plain TCP only: a TLS socket is not looked at from a second thread."""
-    sock = getattr(assoc.dul, "socket", None)
-    if not isinstance(sock, WaitingSocket) or isinstance(sock.socket, ssl.SSLSocket):
-        return
-    if not sock.waiting():
-        return
-    deadline = time.monotonic() + PEER_PDU_WAIT
-    while message_id not in assoc.dimse.cancel_req and time.monotonic() < deadline:
-        taken = not sock.waiting()
-        time.sleep(PEER_PDU_STEP)
-        if taken:
-            return
 
 
 def _check_receive_buffer(req: Any) -> tuple[int, str, bytes] | None:
