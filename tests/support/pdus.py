@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
+    P_DATA,
     ImplementationClassUIDNotification,
     MaximumLengthNotification,
 )
@@ -57,6 +58,15 @@ def associate_rq(
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(prim)
     return bytes(pdu.encode())
+
+
+def pdata_tf(*items: tuple[int, int, bytes]) -> bytes:
+    """A well-formed P-DATA-TF PDU of (context ID, control header, data) items, by
+    pynetdicom's encoder (:func:`p_data` builds raw ones, to be broken)."""
+    primitive = P_DATA()
+    value_list: Any = [[ctx, bytes([ctrl]) + data] for ctx, ctrl, data in items]
+    primitive.presentation_data_value_list = value_list
+    return bytes(P_DATA_TF(primitive).encode())
 
 
 def p_data(*pdvs: tuple[int, int, bytes]) -> bytes:

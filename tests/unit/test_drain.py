@@ -13,25 +13,15 @@ import socket
 import tracemalloc
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
-from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.pdu_primitives import P_DATA
 
 from gateway.dicom.guard import GuardedSocket
 from gateway.dicom.reactor import drained_pdata, pdv_controls_of
+from tests.support.pdus import pdata_tf as pdata
 
 LAST_DATA = 0x02  # message control header: data, last fragment
 MORE_DATA = 0x00  # data, not the last
-
-
-def pdata(*items: tuple[int, int, bytes]) -> bytes:
-    """A P-DATA-TF PDU of (context ID, control header, data) items, by pynetdicom."""
-    primitive = P_DATA()
-    value_list: Any = [[ctx, bytes([ctrl]) + data] for ctx, ctrl, data in items]
-    primitive.presentation_data_value_list = value_list
-    return bytes(P_DATA_TF(primitive).encode())
 
 
 def test_the_items_control_headers_are_read_from_a_body() -> None:
